@@ -1,0 +1,139 @@
+"""The REST API: mounts the routers, speaks JSON with orjson, maps errors in one place."""
+
+import logging
+
+import orjson
+from asgiref.sync import sync_to_async
+from django.db import OperationalError
+from django.http import Http404
+from ninja import NinjaAPI, Schema
+from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.parser import Parser
+from ninja.renderers import BaseRenderer
+from pydantic import Field
+
+from clinical.health import database_state
+from clinical.tokens import BearerAuth, auser_authenticate, token_issue, token_revoke
+from recordings.api import router as recordings_router
+from recordings.models import Recording
+from recordings.schemas import RecordingOut
+from recordings.services import RecordingConflict
+
+logger = logging.getLogger(__name__)
+
+NOT_FOUND = "Not found."
+UNAUTHORIZED = "Missing, unknown, expired or revoked token."
+MALFORMED_JSON = "The request body is not valid JSON"
+DATABASE_UNAVAILABLE = "The database is unavailable right now; retry later."
+BAD_CREDENTIALS = "Wrong username or password, or the account is inactive."
+
+
+class ORJSONParser(Parser):
+    """Refuses what json.loads lets through: lone surrogates, invalid UTF-8, absurd nesting."""
+
+    def parse_body(self, request):
+        return orjson.loads(request.body)
+
+
+class ORJSONRenderer(BaseRenderer):
+    media_type = "application/json"
+
+    def render(self, request, data, *, response_status):
+        return orjson.dumps(data)
+
+
+api = NinjaAPI(
+    title="Clinical recordings",
+    version="1",
+    description="Recordings of clinicians' dictated notes, synced from the PWA.",
+    auth=BearerAuth(),
+    parser=ORJSONParser(),
+    renderer=ORJSONRenderer(),
+    urls_namespace="api",
+)
+api.add_router("/recordings", recordings_router)
+
+
+class Credentials(Schema):
+    username: str = Field(max_length=150)
+    password: str = Field(max_length=4096)
+
+
+class TokenOut(Schema):
+    token: str
+    expires_at: str
+
+
+@api.get("/health", auth=None, tags=["platform"])
+async def health(request):
+    """Liveness and database readiness: 200, or 503 when the database is unusable."""
+    state = await sync_to_async(database_state)()
+    status = 200 if state.pop("ready") else 503
+    return api.create_response(request, {"status": "ok" if status == 200 else "unavailable", **state}, status=status)
+
+
+@api.post("/auth/token", auth=None, response={201: TokenOut}, tags=["auth"])
+async def issue_token(request, credentials: Credentials):
+    """Exchange a username and password for a bearer token."""
+    user = await auser_authenticate(username=credentials.username, password=credentials.password)
+    if user is None:
+        return _error(request, 401, BAD_CREDENTIALS)
+    raw, token = await sync_to_async(token_issue)(user=user)
+    return 201, {"token": raw, "expires_at": token.expires_at.isoformat()}
+
+
+@api.delete("/auth/token", response={204: None}, tags=["auth"])
+async def revoke_token(request):
+    """Revoke the token this request presents."""
+    await sync_to_async(token_revoke)(token=request.api_token)
+    return 204, None
+
+
+def _error(request, status: int, detail, extra: dict | None = None):
+    response = api.create_response(request, {"detail": detail, **(extra or {})}, status=status)
+    if status == 401:
+        response["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+@api.exception_handler(AuthenticationError)
+def unauthorized(request, exc):
+    return _error(request, 401, UNAUTHORIZED)
+
+
+@api.exception_handler(ValidationError)
+def invalid(request, exc):
+    # Only where and what: echoing the input back could be megabytes of transcript.
+    errors = [{"loc": error["loc"], "msg": error["msg"], "type": error["type"]} for error in exc.errors]
+    return _error(request, 422, errors)
+
+
+@api.exception_handler(OperationalError)
+def database_unavailable(request, exc):
+    # Locked past the busy timeout, disk full, file gone: the client should retry.
+    logger.exception("database unavailable")
+    response = _error(request, 503, DATABASE_UNAVAILABLE)
+    response["Retry-After"] = "5"
+    return response
+
+
+@api.exception_handler(HttpError)
+def http_error(request, exc):
+    if isinstance(exc.__cause__, orjson.JSONDecodeError):
+        return _error(request, 400, f"{MALFORMED_JSON}: {exc.__cause__}")
+    return _error(request, exc.status_code, str(exc))
+
+
+@api.exception_handler(Recording.DoesNotExist)
+@api.exception_handler(Http404)
+def not_found(request, exc):
+    return _error(request, 404, NOT_FOUND)
+
+
+@api.exception_handler(RecordingConflict)
+def conflict(request, exc):
+    if exc.recording is None:
+        return _error(request, 409, exc.detail)
+    current = RecordingOut.from_orm(exc.recording).model_dump()
+    # The current recording, at the top level and under "current".
+    return _error(request, 409, exc.detail, {**current, "current": current})

@@ -1,0 +1,110 @@
+"""ASGI entry point: Django on one database thread, behind a request-body limit.
+
+Django wraps every request in its own ThreadSensitiveContext, which gives each
+request a fresh thread for its sync code (the ORM included), and so a fresh
+database connection. Here all sync code runs, in arrival order, on one
+long-lived thread with one long-lived SQLite connection: SQLite takes one
+writer at a time anyway, and a FIFO queue in front of it is fair, so no
+request starves on the busy timeout. Several worker processes still share the
+database safely through SQLite's own locking.
+"""
+
+import os
+
+import django
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.handlers.asgi import ASGIHandler
+from django.db import connections
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "clinical.settings")
+django.setup(set_prefix=False)
+
+from clinical.connections import keep_connections_across_requests  # noqa: E402
+
+TOO_LARGE = b'{"detail": "The request body is larger than 2 MiB."}'
+BAD_LENGTH = b'{"detail": "The Content-Length header is not a number."}'
+
+
+class ClinicalASGIHandler(ASGIHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        keep_connections_across_requests(debug=settings.DEBUG)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        # No ThreadSensitiveContext: thread-sensitive code runs on asgiref's
+        # single long-lived thread.
+        await self.handle(scope, receive, send)
+
+    async def lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                # Close on the thread that owns the connection: a clean close
+                # checkpoints the WAL.
+                await sync_to_async(connections.close_all)()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def limit_request_body(app, max_bytes: int):
+    """Answer 413 to bodies over max_bytes before the application reads them."""
+
+    async def limited(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await _answer(send, 400, BAD_LENGTH)
+                return
+            if int(declared) > max_bytes:
+                await _answer(send, 413, TOO_LARGE)
+                return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > max_bytes:
+                await _answer(send, 413, TOO_LARGE)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        await app(scope, _replay(b"".join(chunks), receive), send)
+
+    return limited
+
+
+def _replay(body: bytes, receive):
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+async def _answer(send, status: int, body: bytes) -> None:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+application = limit_request_body(ClinicalASGIHandler(), settings.CLINICAL_MAX_BODY_BYTES)

@@ -1,0 +1,34 @@
+"""Keep the database thread's connection across requests; drop it only when broken.
+
+Django closes connections at every request's start and end because, under ASGI,
+each request's sync code may run in a thread of its own. Our ASGI handler runs
+all sync code on one long-lived thread, so its one connection is worth keeping:
+opening a connection and setting its pragmas on every request costs more than
+the request's own queries.
+"""
+
+from django.core import signals
+from django.db import close_old_connections, connections, reset_queries
+
+
+def close_broken_connections(**kwargs) -> None:
+    """Django's close_if_unusable_or_obsolete, without the age limit."""
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is None:
+            continue
+        if conn.get_autocommit() != conn.settings_dict["AUTOCOMMIT"]:
+            conn.close()
+        elif conn.errors_occurred:
+            if conn.is_usable():
+                conn.errors_occurred = False
+            else:
+                conn.close()
+
+
+def keep_connections_across_requests(debug: bool) -> None:
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    signals.request_finished.connect(close_broken_connections)
+    if not debug:
+        # Only DEBUG logs queries; the receiver would cost a thread hop a request.
+        signals.request_started.disconnect(reset_queries)

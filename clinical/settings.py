@@ -1,0 +1,113 @@
+"""Django settings: one module; the environment decides what differs."""
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from clinical.secret_key import load_or_create_secret_key
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = BASE_DIR / "data"
+
+
+def env_list(name: str, default: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+DEBUG = os.environ.get("DJANGO_DEBUG") == "1"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or load_or_create_secret_key(DATA_DIR / "secret_key")
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
+
+DB_PATH = Path(os.environ.get("CLINICAL_DB_PATH") or DATA_DIR / "clinical.db").expanduser().absolute()
+DB_PATH.parent.mkdir(parents=True, exist_ok=True)
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": DB_PATH,
+        # IMMEDIATE: a write transaction takes the write lock when it begins, so
+        # concurrent writers queue on the busy timeout instead of failing.
+        "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 5},
+        # Django's advice for ASGI; the server keeps its one database thread's
+        # connection open itself (clinical/connections.py).
+        "CONN_MAX_AGE": 0,
+        "ATOMIC_REQUESTS": False,
+        "TEST": {"NAME": DB_PATH.with_name(f"test_{DB_PATH.name}")},
+    }
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_extensions",
+    "ninja",
+    "clinical",
+    "recordings",
+]
+
+# Every middleware is async-capable; the API passes the session ones by
+# without a thread hop (clinical/middleware.py).
+MIDDLEWARE = [
+    "clinical.middleware.api_responses",
+    "clinical.middleware.SecurityMiddleware",
+    "servestatic.middleware.ServeStaticMiddleware",
+    "clinical.middleware.SessionMiddleware",
+    "clinical.middleware.CommonMiddleware",
+    "clinical.middleware.CsrfViewMiddleware",
+    "clinical.middleware.AuthenticationMiddleware",
+    "clinical.middleware.MessageMiddleware",
+    "clinical.middleware.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "clinical.urls"
+ASGI_APPLICATION = "clinical.asgi.application"
+WSGI_APPLICATION = "clinical.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# Bodies over 2 MiB are refused with 413 before Django reads them (clinical/asgi.py).
+CLINICAL_MAX_BODY_BYTES = 2 * 1024 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = CLINICAL_MAX_BODY_BYTES
+FILE_UPLOAD_MAX_MEMORY_SIZE = CLINICAL_MAX_BODY_BYTES
+
+CLINICAL_TOKEN_TTL = timedelta(hours=float(os.environ.get("CLINICAL_TOKEN_TTL_HOURS", "12")))
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+}

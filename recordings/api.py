@@ -1,0 +1,46 @@
+"""The recordings API: thin async operations over services and selectors."""
+
+from uuid import UUID
+
+from asgiref.sync import sync_to_async
+from ninja import Query, Router
+
+from recordings.schemas import RecordingFilters, RecordingIn, RecordingList, RecordingOut, RecordingPatch
+from recordings.selectors import arecording_get, arecording_list
+from recordings.services import recording_create, recording_delete, recording_update
+
+router = Router(tags=["recordings"])
+
+
+@router.post("", response={200: RecordingOut, 201: RecordingOut})
+async def create_recording(request, data: RecordingIn):
+    """Create a recording; with the `id` of one you already created, returns it (200)."""
+    recording, created = await sync_to_async(recording_create)(owner=request.auth, **data.dict())
+    return (201 if created else 200), recording
+
+
+@router.get("", response=RecordingList)
+async def list_recordings(request, filters: Query[RecordingFilters]):
+    """Your recordings, newest first, with how many match the filters in all."""
+    items, count = await arecording_list(owner=request.auth, **filters.dict())
+    return {"items": items, "count": count}
+
+
+@router.get("/{recording_id}", response=RecordingOut)
+async def get_recording(request, recording_id: UUID):
+    return await arecording_get(owner=request.auth, recording_id=recording_id)
+
+
+@router.patch("/{recording_id}", response=RecordingOut)
+async def update_recording(request, recording_id: UUID, data: RecordingPatch):
+    """Change the given fields; `version` must be the version you last saw."""
+    return await sync_to_async(recording_update)(
+        owner=request.auth, recording_id=recording_id, **data.dict(exclude_unset=True)
+    )
+
+
+@router.delete("/{recording_id}", response={204: None})
+async def delete_recording(request, recording_id: UUID):
+    """Delete a recording; a tombstone stays for the sync feed."""
+    await sync_to_async(recording_delete)(owner=request.auth, recording_id=recording_id)
+    return 204, None

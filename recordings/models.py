@@ -1,0 +1,68 @@
+"""A clinician's recording: its metadata, transcript and sync bookkeeping."""
+
+import uuid
+
+from django.conf import settings
+from django.core.validators import MaxLengthValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Status(models.TextChoices):
+    PENDING = "pending"
+    UPLOADED = "uploaded"
+    TRANSCRIBING = "transcribing"
+    TRANSCRIBED = "transcribed"
+    VERIFIED = "verified"
+    FAILED = "failed"
+
+
+TRANSITIONS = {
+    Status.PENDING: {Status.UPLOADED, Status.FAILED},
+    Status.UPLOADED: {Status.TRANSCRIBING, Status.FAILED},
+    Status.TRANSCRIBING: {Status.TRANSCRIBED, Status.FAILED},
+    Status.TRANSCRIBED: {Status.VERIFIED, Status.TRANSCRIBING, Status.FAILED},
+    Status.FAILED: {Status.PENDING},
+    Status.VERIFIED: set(),
+}
+INITIAL_STATUSES = (Status.PENDING, Status.UPLOADED)
+QUEUE_STATUSES = (Status.PENDING, Status.UPLOADED, Status.TRANSCRIBING)
+
+MAX_TRANSCRIPT = 500_000
+LIVE = Q(deleted_at__isnull=True)
+
+
+class Recording(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="recordings")
+    patient_ref = models.CharField(max_length=64)
+    title = models.CharField(max_length=200, blank=True, default="")
+    note_type = models.CharField(max_length=50, default="general")
+    status = models.CharField(max_length=20, choices=Status, default=Status.PENDING)
+    audio_path = models.CharField(max_length=500, blank=True, default="")
+    duration_seconds = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0)])
+    transcript = models.TextField(blank=True, default="", validators=[MaxLengthValidator(MAX_TRANSCRIPT)])
+    verification_results = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True, default="")
+    recorded_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(default=timezone.now, editable=False)
+    version = models.PositiveIntegerField(default=1, editable=False)
+    # Taken from clinical.changes in the transaction of every write: the sync cursor.
+    change_seq = models.BigIntegerField(unique=True, editable=False)
+    deleted_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        indexes = [
+            # The list (newest first), its filters and its count: live rows only.
+            models.Index(fields=["owner", "-created_at", "-id"], condition=LIVE, name="rec_owner_created"),
+            models.Index(fields=["owner", "status", "-created_at"], condition=LIVE, name="rec_owner_status"),
+            models.Index(fields=["owner", "patient_ref", "-created_at"], condition=LIVE, name="rec_owner_patient"),
+            # The sync feed walks one owner's changes in order, tombstones included.
+            models.Index(fields=["owner", "change_seq"], name="rec_owner_change"),
+            models.Index(fields=["status"], name="rec_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.patient_ref}: {self.title or self.note_type} ({self.status})"

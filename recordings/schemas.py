@@ -1,0 +1,160 @@
+"""What the API accepts and returns for recordings."""
+
+import unicodedata
+from datetime import UTC, datetime
+from typing import Any, Literal
+from uuid import UUID
+
+import orjson
+from ninja import Field, Schema
+from pydantic import ConfigDict, field_validator
+
+from recordings.models import MAX_TRANSCRIPT
+
+MAX_RESULTS_BYTES = 256 * 1024
+MAX_RESULTS_DEPTH = 32
+MAX_OFFSET = 1_000_000_000
+
+PATIENT_REF_CONTROL = "patient_ref must not contain control characters"
+PATIENT_REF_LENGTH = "patient_ref must be 1 to 64 characters after trimming white space"
+RESULTS_TOO_LARGE = f"verification_results must serialize to at most {MAX_RESULTS_BYTES // 1024} KiB"
+RESULTS_TOO_DEEP = f"verification_results must not nest deeper than {MAX_RESULTS_DEPTH} levels"
+NOT_NULL = "may be omitted, but not null"
+BAD_DATETIME = "is not a datetime that can be stored in UTC"
+
+StatusName = Literal["pending", "uploaded", "transcribing", "transcribed", "verified", "failed"]
+Results = dict[str, Any] | list[Any]
+
+
+def clean_patient_ref(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    value = value.strip()
+    if not 1 <= len(value) <= 64:
+        raise ValueError(PATIENT_REF_LENGTH)
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise ValueError(PATIENT_REF_CONTROL)
+    return value
+
+
+def check_results(value: Any) -> Any:
+    if _depth(value) > MAX_RESULTS_DEPTH:
+        raise ValueError(RESULTS_TOO_DEEP)
+    if len(orjson.dumps(value)) > MAX_RESULTS_BYTES:
+        raise ValueError(RESULTS_TOO_LARGE)
+    return value
+
+
+def _depth(value: Any) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        if depth > MAX_RESULTS_DEPTH:
+            return depth
+        children = []
+        for item in level:
+            if isinstance(item, dict):
+                children.extend(item.values())
+            elif isinstance(item, list):
+                children.extend(item)
+        level = [item for item in children if isinstance(item, (dict, list))]
+    return depth
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)  # a clock without a zone is taken as UTC
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(BAD_DATETIME) from None
+
+
+class RecordingFields(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    _patient_ref = field_validator("patient_ref", mode="before", check_fields=False)(clean_patient_ref)
+    _results = field_validator("verification_results", check_fields=False)(check_results)
+    _recorded_at = field_validator("recorded_at", check_fields=False)(as_utc)
+
+
+class RecordingIn(RecordingFields):
+    id: UUID | None = None
+    patient_ref: str
+    title: str = Field("", max_length=200)
+    note_type: str = Field("general", max_length=50)
+    status: Literal["pending", "uploaded"] = "pending"
+    audio_path: str = Field("", max_length=500)
+    duration_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
+    transcript: str = Field("", max_length=MAX_TRANSCRIPT)
+    verification_results: Results = Field(default_factory=dict)
+    error: str = ""
+    recorded_at: datetime | None = None
+
+
+class RecordingPatch(RecordingFields):
+    version: int
+    patient_ref: str = None
+    title: str = Field(None, max_length=200)
+    note_type: str = Field(None, max_length=50)
+    status: StatusName = None
+    audio_path: str = Field(None, max_length=500)
+    duration_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
+    transcript: str = Field(None, max_length=MAX_TRANSCRIPT)
+    verification_results: Results = None
+    error: str = None
+    recorded_at: datetime | None = None
+
+    @field_validator(
+        "patient_ref",
+        "title",
+        "note_type",
+        "status",
+        "audio_path",
+        "transcript",
+        "verification_results",
+        "error",
+        mode="before",
+    )
+    @classmethod
+    def not_null(cls, value: Any) -> Any:
+        # Absent means unchanged; null on a field that cannot be empty is an error.
+        if value is None:
+            raise ValueError(NOT_NULL)
+        return value
+
+
+class RecordingOut(Schema):
+    id: UUID
+    patient_ref: str
+    title: str
+    note_type: str
+    status: StatusName
+    audio_path: str
+    duration_seconds: float | None
+    transcript: str
+    verification_results: Results
+    error: str
+    recorded_at: datetime | None
+    owner: str
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+    @staticmethod
+    def resolve_owner(obj) -> str:
+        return obj.owner.username
+
+
+class RecordingList(Schema):
+    items: list[RecordingOut]
+    count: int
+
+
+class RecordingFilters(Schema):
+    status: StatusName | None = None
+    patient_ref: str | None = Field(None, max_length=64)
+    limit: int = Field(50, ge=1, le=200)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)

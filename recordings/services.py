@@ -1,0 +1,96 @@
+"""Writes to recordings: each one transaction that also takes the next change number."""
+
+import uuid
+
+from django.db import transaction
+from django.utils import timezone
+
+from clinical.changes import next_change_seq
+from recordings.models import INITIAL_STATUSES, TRANSITIONS, Recording
+
+STALE_VERSION = "Stale version: the recording was changed since you read it."
+ID_TAKEN = "This id belongs to another recording."
+ID_DELETED = "A recording with this id was deleted; it cannot be created again."
+
+
+class RecordingConflict(Exception):
+    """A write refused because of the recording's current state (409)."""
+
+    def __init__(self, detail: str, recording: Recording | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.recording = recording
+
+
+def transition_refused(old: str, new: str) -> str:
+    return f"Status transition {old} -> {new} is not allowed."
+
+
+@transaction.atomic
+def recording_create(*, owner, id: uuid.UUID | None = None, **fields) -> tuple[Recording, bool]:
+    """Create a recording; (recording, created). A retried create returns the stored one."""
+    if id is not None:
+        existing = Recording.objects.select_related("owner").filter(pk=id).first()
+        if existing is not None:
+            if existing.owner_id != owner.pk:
+                raise RecordingConflict(ID_TAKEN)
+            if existing.deleted_at is not None:
+                raise RecordingConflict(ID_DELETED)
+            return existing, False
+    if fields.get("status", INITIAL_STATUSES[0]) not in INITIAL_STATUSES:
+        raise RecordingConflict(f"A new recording starts as {' or '.join(INITIAL_STATUSES)}.")
+    now = timezone.now()
+    recording = Recording(id=id or uuid.uuid4(), owner=owner, created_at=now, updated_at=now, version=1, **fields)
+    _validate(recording)
+    recording.change_seq = next_change_seq()
+    recording.save(force_insert=True)
+    return recording, True
+
+
+@transaction.atomic
+def recording_update(*, owner, recording_id: uuid.UUID, version: int, **changes) -> Recording:
+    """Apply changes if `version` is current and the status transition is allowed."""
+    # Read inside the write transaction: the version check must see the latest row.
+    recording = _get_live_for_update(owner, recording_id)
+    if recording.version != version:
+        raise RecordingConflict(STALE_VERSION, recording)
+    new_status = changes.get("status", recording.status)
+    if new_status != recording.status and new_status not in TRANSITIONS[recording.status]:
+        raise RecordingConflict(transition_refused(recording.status, new_status), recording)
+    changed = {field: value for field, value in changes.items() if getattr(recording, field) != value}
+    if not changed:
+        return recording
+    for field, value in changed.items():
+        setattr(recording, field, value)
+    _validate(recording)
+    recording.version += 1
+    recording.updated_at = timezone.now()
+    recording.change_seq = next_change_seq()
+    recording.save(update_fields=[*changed, "version", "updated_at", "change_seq"])
+    return recording
+
+
+@transaction.atomic
+def recording_delete(*, owner, recording_id: uuid.UUID) -> Recording:
+    """Mark a recording deleted, keeping a tombstone for the sync feed; deleting twice is fine."""
+    recording = Recording.objects.filter(pk=recording_id, owner=owner).first()
+    if recording is None:
+        raise Recording.DoesNotExist
+    if recording.deleted_at is not None:
+        return recording
+    now = timezone.now()
+    recording.deleted_at = now
+    recording.updated_at = now
+    recording.version += 1
+    recording.change_seq = next_change_seq()
+    recording.save(update_fields=["deleted_at", "updated_at", "version", "change_seq"])
+    return recording
+
+
+def _validate(recording: Recording) -> None:
+    # The owner is known to exist and the change number is taken after: skip their queries.
+    recording.full_clean(exclude=["owner", "change_seq"], validate_unique=False, validate_constraints=False)
+
+
+def _get_live_for_update(owner, recording_id: uuid.UUID) -> Recording:
+    return Recording.objects.select_related("owner").get(pk=recording_id, owner=owner, deleted_at__isnull=True)
