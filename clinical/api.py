@@ -6,7 +6,7 @@ import orjson
 from asgiref.sync import sync_to_async
 from django.db import OperationalError
 from django.http import Http404
-from ninja import NinjaAPI, Schema
+from ninja import NinjaAPI, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 from ninja.renderers import BaseRenderer
@@ -79,14 +79,14 @@ async def issue_token(request, credentials: Credentials):
     if user is None:
         return _error(request, 401, BAD_CREDENTIALS)
     raw, token = await sync_to_async(token_issue)(user=user)
-    return 201, {"token": raw, "expires_at": token.expires_at.isoformat()}
+    return Status(201, {"token": raw, "expires_at": token.expires_at.isoformat()})
 
 
 @api.delete("/auth/token", response={204: None}, tags=["auth"])
 async def revoke_token(request):
     """Revoke the token this request presents."""
     await sync_to_async(token_revoke)(token=request.api_token)
-    return 204, None
+    return Status(204, None)
 
 
 def _error(request, status: int, detail, extra: dict | None = None):

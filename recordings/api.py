@@ -3,7 +3,7 @@
 from uuid import UUID
 
 from asgiref.sync import sync_to_async
-from ninja import Query, Router
+from ninja import Query, Router, Status
 
 from recordings.schemas import RecordingFilters, RecordingIn, RecordingList, RecordingOut, RecordingPatch
 from recordings.selectors import arecording_get, arecording_list
@@ -16,7 +16,7 @@ router = Router(tags=["recordings"])
 async def create_recording(request, data: RecordingIn):
     """Create a recording; with the `id` of one you already created, returns it (200)."""
     recording, created = await sync_to_async(recording_create)(owner=request.auth, **data.dict())
-    return (201 if created else 200), recording
+    return Status(201 if created else 200, recording)
 
 
 @router.get("", response=RecordingList)
@@ -43,4 +43,4 @@ async def update_recording(request, recording_id: UUID, data: RecordingPatch):
 async def delete_recording(request, recording_id: UUID):
     """Delete a recording; a tombstone stays for the sync feed."""
     await sync_to_async(recording_delete)(owner=request.auth, recording_id=recording_id)
-    return 204, None
+    return Status(204, None)

@@ -1,0 +1,87 @@
+"""Shared fixtures: users, tokens, a recording factory and an API client over the real ASGI stack."""
+
+import httpx
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+
+from clinical.asgi import application
+from clinical.tokens import token_issue
+from recordings.services import recording_create
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    # Real hashing costs half a second a password; the tests are about the rest.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def make_user(transactional_db):
+    def make(username: str, password: str = "correct-horse-battery", **extra):
+        return get_user_model().objects.create_user(username, password=password, **extra)
+
+    return make
+
+
+@pytest.fixture
+def alice(make_user):
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(make_user):
+    return make_user("bob")
+
+
+@pytest.fixture
+def make_recording():
+    """An async factory: await make_recording(owner=alice, **overrides)."""
+
+    async def make(owner, **overrides):
+        fields = {"patient_ref": "PAT-00001", "title": "Follow-up", **overrides}
+        recording, _ = await sync_to_async(recording_create)(owner=owner, **fields)
+        return recording
+
+    return make
+
+
+class Api:
+    """httpx over clinical.asgi.application: every request goes through the whole ASGI stack."""
+
+    def __init__(self, client: httpx.AsyncClient):
+        self.client = client
+        self.tokens: dict[int, str] = {}
+
+    async def token_for(self, user) -> str:
+        if user.pk not in self.tokens:
+            raw, _ = await sync_to_async(token_issue)(user=user)
+            self.tokens[user.pk] = raw
+        return self.tokens[user.pk]
+
+    async def request(self, method: str, path: str, json=None, *, user=None, token=None, headers=None, **kwargs):
+        headers = dict(headers or {})
+        if user is not None:
+            token = await self.token_for(user)
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return await self.client.request(method, f"/api{path}", json=json, headers=headers, **kwargs)
+
+    async def get(self, path, **kwargs):
+        return await self.request("GET", path, **kwargs)
+
+    async def post(self, path, json=None, **kwargs):
+        return await self.request("POST", path, json, **kwargs)
+
+    async def patch(self, path, json=None, **kwargs):
+        return await self.request("PATCH", path, json, **kwargs)
+
+    async def delete(self, path, **kwargs):
+        return await self.request("DELETE", path, **kwargs)
+
+
+@pytest.fixture
+async def api(transactional_db):
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        yield Api(client)
