@@ -5,7 +5,6 @@ import uuid
 from django.conf import settings
 from django.core.validators import MaxLengthValidator, MinValueValidator
 from django.db import models
-from django.db.models import Q
 from django.utils import timezone
 
 
@@ -30,7 +29,6 @@ INITIAL_STATUSES = (Status.PENDING, Status.UPLOADED)
 QUEUE_STATUSES = (Status.PENDING, Status.UPLOADED, Status.TRANSCRIBING)
 
 MAX_TRANSCRIPT = 500_000
-LIVE = Q(deleted_at__isnull=True)
 
 
 class Recording(models.Model):
@@ -55,10 +53,13 @@ class Recording(models.Model):
 
     class Meta:
         indexes = [
-            # The list (newest first), its filters and its count: live rows only.
-            models.Index(fields=["owner", "-created_at", "-id"], condition=LIVE, name="rec_owner_created"),
-            models.Index(fields=["owner", "status", "-created_at"], condition=LIVE, name="rec_owner_status"),
-            models.Index(fields=["owner", "patient_ref", "-created_at"], condition=LIVE, name="rec_owner_patient"),
+            # The list (newest first), its filters and its count. deleted_at is an
+            # equality column (IS NULL), so that SQLite's planner, without
+            # statistics, still picks these over the feed index and never reads
+            # the table rows to count.
+            models.Index(fields=["owner", "deleted_at", "-created_at", "-id"], name="rec_owner_created"),
+            models.Index(fields=["owner", "deleted_at", "status", "-created_at", "-id"], name="rec_owner_status"),
+            models.Index(fields=["owner", "deleted_at", "patient_ref", "-created_at", "-id"], name="rec_owner_patient"),
             # The sync feed walks one owner's changes in order, tombstones included.
             models.Index(fields=["owner", "change_seq"], name="rec_owner_change"),
             models.Index(fields=["status"], name="rec_status"),
