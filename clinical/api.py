@@ -85,7 +85,7 @@ async def issue_token(request, credentials: Credentials):
 @api.delete("/auth/token", response={204: None}, tags=["auth"])
 async def revoke_token(request):
     """Revoke the token this request presents."""
-    await sync_to_async(token_revoke)(token=request.api_token)
+    await sync_to_async(token_revoke)(token_id=request.auth.token_id)
     return Status(204, None)
 
 
@@ -134,6 +134,6 @@ def not_found(request, exc):
 def conflict(request, exc):
     if exc.recording is None:
         return _error(request, 409, exc.detail)
-    current = RecordingOut.from_orm(exc.recording).model_dump()
+    current = RecordingOut.model_validate(exc.recording).model_dump()
     # The current recording, at the top level and under "current".
     return _error(request, 409, exc.detail, {**current, "current": current})
