@@ -14,9 +14,16 @@ from ninja.security import HttpBearer
 from clinical.models import Token
 
 MAX_TOKEN_LENGTH = 256
+# What the API needs of its user; anything else is loaded on first use.
+# In model order: from_db() maps values to the model's fields in that order.
+USER_FIELDS = [
+    field.attname
+    for field in get_user_model()._meta.concrete_fields
+    if field.attname in {"id", "username", "is_active", "is_staff", "is_superuser"}
+]
 TOKEN_USER_SQL = (
-    f"SELECT u.*, t.id AS token_id FROM {Token._meta.db_table} t "  # noqa: S608 (table names only)
-    f"JOIN {get_user_model()._meta.db_table} u ON u.id = t.user_id "
+    f"SELECT {', '.join('u.' + name for name in USER_FIELDS)}, t.id "  # noqa: S608 (names only)
+    f"FROM {Token._meta.db_table} t JOIN {get_user_model()._meta.db_table} u ON u.id = t.user_id "
     "WHERE t.key_hash = %s AND t.revoked_at IS NULL AND t.expires_at > %s AND u.is_active = %s"
 )
 
@@ -51,9 +58,14 @@ async def atoken_user(raw: str):
 def _token_user(key_hash: str):
     # Every request runs this: SQL written out once, not a queryset compiled each time.
     now = connection.ops.adapt_datetimefield_value(timezone.now())
-    for user in get_user_model().objects.raw(TOKEN_USER_SQL, [key_hash, now, True]):
-        return user
-    return None
+    with connection.cursor() as cursor:
+        cursor.execute(TOKEN_USER_SQL, [key_hash, now, True])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    user = get_user_model().from_db(connection.alias, USER_FIELDS, [*row[:-1]])
+    user.token_id = row[-1]
+    return user
 
 
 async def auser_authenticate(*, username: str, password: str):

@@ -15,14 +15,14 @@ router = Router(tags=["recordings"])
 @router.post("", response={200: RecordingOut, 201: RecordingOut})
 async def create_recording(request, data: RecordingIn):
     """Create a recording; with the `id` of one you already created, returns it (200)."""
-    recording, created = await sync_to_async(recording_create)(owner=request.auth, **data.dict())
+    recording, created = await sync_to_async(recording_create)(owner=request.auth, **data.model_dump())
     return Status(201 if created else 200, recording)
 
 
 @router.get("", response=RecordingList)
 async def list_recordings(request, filters: Query[RecordingFilters]):
     """Your recordings, newest first, with how many match the filters in all."""
-    items, count = await arecording_list(owner=request.auth, **filters.dict())
+    items, count = await arecording_list(owner=request.auth, **filters.model_dump())
     return {"items": items, "count": count}
 
 
@@ -35,7 +35,7 @@ async def get_recording(request, recording_id: UUID):
 async def update_recording(request, recording_id: UUID, data: RecordingPatch):
     """Change the given fields; `version` must be the version you last saw."""
     return await sync_to_async(recording_update)(
-        owner=request.auth, recording_id=recording_id, **data.dict(exclude_unset=True)
+        owner=request.auth, recording_id=recording_id, **data.model_dump(exclude_unset=True)
     )
 
 

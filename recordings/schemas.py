@@ -72,7 +72,8 @@ def as_utc(value: datetime | None) -> datetime | None:
         raise ValueError(BAD_DATETIME) from None
 
 
-class RecordingFields(Schema):
+class RecordingFields(BaseModel):
+    # Plain pydantic: ninja's Schema validates an extra="forbid" model twice.
     model_config = ConfigDict(extra="forbid")
 
     _patient_ref = field_validator("patient_ref", mode="before", check_fields=False)(clean_patient_ref)
