@@ -15,6 +15,7 @@ from pydantic import Field
 from clinical.health import database_state
 from clinical.tokens import BearerAuth, auser_authenticate, token_issue, token_revoke
 from recordings.api import router as recordings_router
+from recordings.api import sync_router
 from recordings.models import Recording
 from recordings.schemas import RecordingOut
 from recordings.services import RecordingConflict
@@ -52,6 +53,7 @@ api = NinjaAPI(
     urls_namespace="api",
 )
 api.add_router("/recordings", recordings_router)
+api.add_router("/sync", sync_router)
 
 
 class Credentials(Schema):

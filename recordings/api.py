@@ -5,11 +5,20 @@ from uuid import UUID
 from asgiref.sync import sync_to_async
 from ninja import Query, Router, Status
 
-from recordings.schemas import RecordingFilters, RecordingIn, RecordingList, RecordingOut, RecordingPatch
-from recordings.selectors import arecording_get, arecording_list
+from recordings.schemas import (
+    ChangesOut,
+    ChangesQuery,
+    RecordingFilters,
+    RecordingIn,
+    RecordingList,
+    RecordingOut,
+    RecordingPatch,
+)
+from recordings.selectors import achanges_since, arecording_get, arecording_list
 from recordings.services import recording_create, recording_delete, recording_update
 
 router = Router(tags=["recordings"])
+sync_router = Router(tags=["sync"])
 
 
 @router.post("", response={200: RecordingOut, 201: RecordingOut})
@@ -44,3 +53,14 @@ async def delete_recording(request, recording_id: UUID):
     """Delete a recording; a tombstone stays for the sync feed."""
     await sync_to_async(recording_delete)(owner=request.auth, recording_id=recording_id)
     return Status(204, None)
+
+
+@sync_router.get("/changes", response=ChangesOut)
+async def list_changes(request, query: Query[ChangesQuery]):
+    """Your recordings created, changed or deleted after cursor `since`, oldest change first.
+
+    Store `cursor` and ask again from it until `has_more` is false: every change
+    is seen, once, at its latest state; deleted recordings come as tombstones.
+    """
+    changes, cursor, has_more = await achanges_since(owner=request.auth, **query.model_dump())
+    return {"changes": changes, "cursor": cursor, "has_more": has_more}

@@ -14,6 +14,7 @@ from recordings.models import MAX_TRANSCRIPT
 MAX_RESULTS_BYTES = 256 * 1024
 MAX_RESULTS_DEPTH = 32
 MAX_OFFSET = 1_000_000_000
+MAX_CURSOR = 2**63 - 1
 
 PATIENT_REF_CONTROL = "patient_ref must not contain control characters"
 PATIENT_REF_LENGTH = "patient_ref must be 1 to 64 characters after trimming white space"
@@ -158,6 +159,32 @@ class RecordingOut(BaseModel):
 class RecordingList(BaseModel):
     items: list[RecordingOut]
     count: int
+
+
+class RecordingChange(RecordingOut):
+    deleted: Literal[False]
+    change_seq: int
+
+
+class Tombstone(BaseModel):
+    id: UUID
+    deleted: Literal[True]
+    owner: str
+    version: int
+    change_seq: int
+    updated_at: datetime
+    deleted_at: datetime
+
+
+class ChangesOut(BaseModel):
+    changes: list[RecordingChange | Tombstone]
+    cursor: int
+    has_more: bool
+
+
+class ChangesQuery(Schema):
+    since: int = Field(0, ge=0, le=MAX_CURSOR)
+    limit: int = Field(100, ge=1, le=500)
 
 
 class RecordingFilters(Schema):

@@ -32,6 +32,15 @@ async def arecording_list(
     return await sync_to_async(_recording_list)(owner, {"status": status, "patient_ref": patient_ref}, limit, offset)
 
 
+async def achanges_since(*, owner, since: int, limit: int) -> tuple[list[dict], int, bool]:
+    """The owner's recordings changed after cursor `since`, oldest change first: (changes, cursor, has_more).
+
+    A row holds only its latest change, so each recording appears once, at its
+    latest state; deleted ones come as tombstones.
+    """
+    return await sync_to_async(_changes_since)(owner, since, limit)
+
+
 def _recording_get(owner, recording_id: uuid.UUID) -> dict:
     sql = f"SELECT * FROM {TABLE} WHERE id = %s AND {LIVE_OF_OWNER}"  # noqa: S608 (constants only)
     rows = _rows(sql, [_db_id(recording_id), owner.pk], owner)
@@ -52,6 +61,23 @@ def _recording_list(owner, filters: dict, limit: int, offset: int) -> tuple[list
         cursor.execute(f"SELECT COUNT(*) FROM {TABLE} WHERE {where}", params)  # noqa: S608
         (count,) = cursor.fetchone()
     return page, count
+
+
+def _changes_since(owner, since: int, limit: int) -> tuple[list[dict], int, bool]:
+    sql = f"SELECT * FROM {TABLE} WHERE owner_id = %s AND change_seq > %s ORDER BY change_seq LIMIT %s"  # noqa: S608
+    rows = _rows(sql, [owner.pk, since, limit + 1], owner)
+    has_more = len(rows) > limit
+    changes = [_change(row) for row in rows[:limit]]
+    cursor = changes[-1]["change_seq"] if changes else since
+    return changes, cursor, has_more
+
+
+def _change(row: dict) -> dict:
+    if row["deleted_at"] is None:
+        return {**row, "deleted": False}
+    # A tombstone carries no clinical content.
+    keys = ("id", "owner", "version", "change_seq", "updated_at")
+    return {**{key: row[key] for key in keys}, "deleted": True, "deleted_at": _utc(row["deleted_at"])}
 
 
 def _rows(sql: str, params: list, owner) -> list[dict]:
