@@ -13,6 +13,7 @@ from ninja.renderers import BaseRenderer
 from pydantic import Field
 
 from clinical.health import database_state
+from clinical.idempotency import IdempotencyError
 from clinical.tokens import BearerAuth, auser_authenticate, token_issue, token_revoke
 from recordings.api import router as recordings_router
 from recordings.api import sync_router
@@ -124,6 +125,11 @@ def http_error(request, exc):
     if isinstance(exc.__cause__, orjson.JSONDecodeError):
         return _error(request, 400, f"{MALFORMED_JSON}: {exc.__cause__}")
     return _error(request, exc.status_code, str(exc))
+
+
+@api.exception_handler(IdempotencyError)
+def idempotency_refused(request, exc):
+    return _error(request, 422, str(exc))
 
 
 @api.exception_handler(Recording.DoesNotExist)

@@ -29,3 +29,20 @@ class ChangeSequence(models.Model):
 
     def __str__(self) -> str:
         return f"change sequence at {self.value}"
+
+
+class IdempotencyKey(models.Model):
+    """The stored answer to a mutating request sent with an Idempotency-Key header."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)
+    status_code = models.PositiveSmallIntegerField()
+    body = models.BinaryField()
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "key"], name="idempotency_user_key")]
+
+    def __str__(self) -> str:
+        return f"idempotency key of {self.user_id}: {self.key}"

@@ -2,9 +2,9 @@
 
 from uuid import UUID
 
-from asgiref.sync import sync_to_async
-from ninja import Query, Router, Status
+from ninja import Query, Router
 
+from clinical.idempotency import aidempotent
 from recordings.schemas import (
     ChangesOut,
     ChangesQuery,
@@ -24,8 +24,12 @@ sync_router = Router(tags=["sync"])
 @router.post("", response={200: RecordingOut, 201: RecordingOut})
 async def create_recording(request, data: RecordingIn):
     """Create a recording; with the `id` of one you already created, returns it (200)."""
-    recording, created = await sync_to_async(recording_create)(owner=request.auth, **data.model_dump())
-    return Status(201 if created else 200, recording)
+
+    def work():
+        recording, created = recording_create(owner=request.auth, **data.model_dump())
+        return (201 if created else 200), recording
+
+    return await aidempotent(request, work, schema=RecordingOut)
 
 
 @router.get("", response=RecordingList)
@@ -43,16 +47,23 @@ async def get_recording(request, recording_id: UUID):
 @router.patch("/{recording_id}", response=RecordingOut)
 async def update_recording(request, recording_id: UUID, data: RecordingPatch):
     """Change the given fields; `version` must be the version you last saw."""
-    return await sync_to_async(recording_update)(
-        owner=request.auth, recording_id=recording_id, **data.model_dump(exclude_unset=True)
-    )
+
+    def work():
+        changes = data.model_dump(exclude_unset=True)
+        return 200, recording_update(owner=request.auth, recording_id=recording_id, **changes)
+
+    return await aidempotent(request, work, schema=RecordingOut)
 
 
 @router.delete("/{recording_id}", response={204: None})
 async def delete_recording(request, recording_id: UUID):
     """Delete a recording; a tombstone stays for the sync feed."""
-    await sync_to_async(recording_delete)(owner=request.auth, recording_id=recording_id)
-    return Status(204, None)
+
+    def work():
+        recording_delete(owner=request.auth, recording_id=recording_id)
+        return 204, None
+
+    return await aidempotent(request, work)
 
 
 @sync_router.get("/changes", response=ChangesOut)

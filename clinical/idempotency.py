@@ -1,0 +1,85 @@
+"""Idempotency-Key: a retried request replays the first answer instead of doing the work again.
+
+The stored answer is written in the same transaction as the work, so a crash
+can never leave work done without its answer (which would let a retry do it
+twice). Only successful answers are stored: an error did no work, and the
+client may fix the request and retry with the same key.
+"""
+
+import hashlib
+from collections.abc import Callable
+
+import orjson
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import transaction
+from django.http import HttpResponse
+from django.utils import timezone
+from ninja import Status
+
+from clinical.models import IdempotencyKey
+
+HEADER = "Idempotency-Key"
+REPLAYED = "Idempotent-Replayed"
+MAX_KEY_LENGTH = 255
+KEY_INVALID = f"The {HEADER} header must be 1 to {MAX_KEY_LENGTH} characters."
+KEY_REUSED = f"This {HEADER} was used for a different request."
+
+
+class IdempotencyError(Exception):
+    """The key cannot be used for this request (422)."""
+
+
+# Work: runs in the database thread, returns (status code, payload for the schema or None).
+Work = Callable[[], tuple[int, object]]
+
+
+async def aidempotent(request, work: Work, *, schema=None):
+    """Run `work` once per Idempotency-Key of this user; without the header, just run it."""
+    key = request.headers.get(HEADER)
+    if key is None:
+        status, payload = await sync_to_async(work)()
+        return Status(status, payload)
+    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise IdempotencyError(KEY_INVALID)
+    status, body, replayed = await sync_to_async(_run_once)(request.auth, key, fingerprint(request), work, schema)
+    response = HttpResponse(body, status=status, content_type="application/json")
+    if replayed:
+        response[REPLAYED] = "true"
+    return response
+
+
+def fingerprint(request) -> str:
+    digest = hashlib.sha256(f"{request.method}\0{request.path}\0".encode())
+    digest.update(request.body)
+    return digest.hexdigest()
+
+
+def _run_once(user, key: str, fingerprint: str, work: Work, schema) -> tuple[int, bytes, bool]:
+    with transaction.atomic():
+        stored = _stored(user, key)
+        if stored is not None:
+            if stored.fingerprint != fingerprint:
+                raise IdempotencyError(KEY_REUSED)
+            return stored.status_code, bytes(stored.body), True
+        status, payload = work()
+        body = b"" if payload is None else orjson.dumps(schema.model_validate(payload).model_dump())
+        IdempotencyKey.objects.create(
+            user=user, key=key, fingerprint=fingerprint, status_code=status, body=body, created_at=timezone.now()
+        )
+        return status, body, False
+
+
+def _stored(user, key: str) -> IdempotencyKey | None:
+    stored = IdempotencyKey.objects.filter(user=user, key=key).first()
+    if stored is not None and stored.created_at < timezone.now() - settings.CLINICAL_IDEMPOTENCY_TTL:
+        stored.delete()  # expired: the key is free again
+        return None
+    return stored
+
+
+def idempotency_keys_purge() -> int:
+    """Delete expired keys; how many went."""
+    cutoff = timezone.now() - settings.CLINICAL_IDEMPOTENCY_TTL
+    deleted, _ = IdempotencyKey.objects.filter(created_at__lt=cutoff).delete()
+    return deleted
