@@ -4,7 +4,7 @@ import logging
 
 import orjson
 from asgiref.sync import sync_to_async
-from django.db import OperationalError
+from django.db import DatabaseError, DataError, IntegrityError, NotSupportedError, ProgrammingError
 from django.http import Http404
 from ninja import NinjaAPI, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -111,9 +111,12 @@ def invalid(request, exc):
     return _error(request, 422, errors)
 
 
-@api.exception_handler(OperationalError)
+@api.exception_handler(DatabaseError)
 def database_unavailable(request, exc):
-    # Locked past the busy timeout, disk full, file gone: the client should retry.
+    # Locked past the busy timeout, disk full, file gone or not a database: the
+    # client should retry later. Errors in what we asked of it stay 500s.
+    if isinstance(exc, (IntegrityError, DataError, ProgrammingError, NotSupportedError)):
+        raise exc
     logger.exception("database unavailable")
     response = _error(request, 503, DATABASE_UNAVAILABLE)
     response["Retry-After"] = "5"

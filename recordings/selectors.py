@@ -7,6 +7,7 @@ one hop to the database thread.
 """
 
 import uuid
+from datetime import UTC, datetime
 
 import orjson
 from asgiref.sync import sync_to_async
@@ -99,8 +100,10 @@ def _json(value):
 
 
 def _utc(value):
-    # With USE_TZ, SQLite keeps UTC as text without an offset; PostgreSQL hands back aware datetimes.
-    return f"{value}+00:00" if isinstance(value, str) else value
+    # With USE_TZ, SQLite keeps UTC without an offset; PostgreSQL hands back aware datetimes.
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 def _db_id(recording_id: uuid.UUID):
