@@ -2,6 +2,7 @@
 
 import uuid
 
+import orjson
 from django.db import transaction
 from django.utils import timezone
 
@@ -57,7 +58,7 @@ def recording_update(*, owner, recording_id: uuid.UUID, version: int, **changes)
     new_status = changes.get("status", recording.status)
     if new_status != recording.status and new_status not in TRANSITIONS[recording.status]:
         raise RecordingConflict(transition_refused(recording.status, new_status), recording)
-    changed = {field: value for field, value in changes.items() if getattr(recording, field) != value}
+    changed = {field: value for field, value in changes.items() if not _same(getattr(recording, field), value)}
     if not changed:
         return recording
     for field, value in changed.items():
@@ -85,6 +86,13 @@ def recording_delete(*, owner, recording_id: uuid.UUID) -> Recording:
     recording.change_seq = next_change_seq()
     recording.save(update_fields=["deleted_at", "updated_at", "version", "change_seq"])
     return recording
+
+
+def _same(old, new) -> bool:
+    # Python's == says {"ok": True} == {"ok": 1}; JSON does not.
+    if isinstance(old, (dict, list)) or isinstance(new, (dict, list)):
+        return orjson.dumps(old, option=orjson.OPT_SORT_KEYS) == orjson.dumps(new, option=orjson.OPT_SORT_KEYS)
+    return old == new
 
 
 def _validate(recording: Recording) -> None:
