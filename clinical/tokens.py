@@ -48,6 +48,13 @@ def token_revoke(*, token_id: int) -> None:
     Token.objects.filter(pk=token_id, revoked_at__isnull=True).update(revoked_at=timezone.now())
 
 
+@transaction.atomic
+def tokens_purge_expired() -> int:
+    """Delete tokens that expired; how many went."""
+    deleted, _ = Token.objects.filter(expires_at__lt=timezone.now()).delete()
+    return deleted
+
+
 async def atoken_user(raw: str):
     """The active user of an unexpired, unrevoked token, or None; user.token_id is the token's id."""
     if not raw or len(raw) > MAX_TOKEN_LENGTH:
