@@ -9,6 +9,7 @@ from django.utils import timezone
 from faker import Faker
 
 from recordings.models import Recording, Status
+from recordings.services import insert_recordings
 
 NOTE_TYPES = ("general", "consultation", "follow_up", "discharge", "referral", "procedure", "telephone")
 # Each status with the path a recording took to reach it: its version is the path's length.
@@ -49,13 +50,7 @@ def _insert_batch(recordings: list[Recording]) -> None:
     last = _take_change_numbers(len(recordings))
     for offset, recording in enumerate(recordings):
         recording.change_seq = last - len(recordings) + 1 + offset
-    # One statement prepared once for the batch: bulk_create compiles one per 58 rows.
-    fields = Recording._meta.concrete_fields
-    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
-    sql = f"INSERT INTO {Recording._meta.db_table} ({columns}) VALUES ({', '.join(['%s'] * len(fields))})"  # noqa: S608
-    rows = [[field.get_db_prep_save(getattr(r, field.attname), connection) for field in fields] for r in recordings]
-    with connection.cursor() as cursor:
-        cursor.executemany(sql, rows)
+    insert_recordings(recordings)
 
 
 def _take_change_numbers(count: int) -> int:

@@ -1,9 +1,10 @@
 """Writes to recordings: each one transaction that also takes the next change number."""
 
 import uuid
+from functools import cache
 
 import orjson
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from clinical.changes import next_change_seq
@@ -44,7 +45,7 @@ def recording_create(*, owner, id: uuid.UUID | None = None, **fields) -> tuple[R
     recording = Recording(id=id or uuid.uuid4(), owner=owner, created_at=now, updated_at=now, version=1, **fields)
     _validate(recording)
     recording.change_seq = next_change_seq()
-    recording.save(force_insert=True)
+    insert_recordings([recording])
     return recording, True
 
 
@@ -86,6 +87,26 @@ def recording_delete(*, owner, recording_id: uuid.UUID) -> Recording:
     recording.change_seq = next_change_seq()
     recording.save(update_fields=["deleted_at", "updated_at", "version", "change_seq"])
     return recording
+
+
+def insert_recordings(recordings: list[Recording]) -> None:
+    """INSERT validated recordings with one statement prepared once.
+
+    What Model.save() and bulk_create() do, without compiling the statement
+    again for every row (bulk_create compiles one for each 58 rows on SQLite).
+    """
+    fields = Recording._meta.concrete_fields
+    rows = [[field.get_db_prep_save(getattr(row, field.attname), connection) for field in fields] for row in recordings]
+    with connection.cursor() as cursor:
+        cursor.executemany(_insert_sql(), rows)
+
+
+@cache
+def _insert_sql() -> str:
+    fields = Recording._meta.concrete_fields
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    placeholders = ", ".join(["%s"] * len(fields))
+    return f"INSERT INTO {Recording._meta.db_table} ({columns}) VALUES ({placeholders})"  # noqa: S608
 
 
 def _same(old, new) -> bool:
