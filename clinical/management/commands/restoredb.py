@@ -35,11 +35,17 @@ class Command(BaseCommand):
         if not yes:
             self._confirm(file)
         try:
-            high_water = sequence_high_water()
-            safety = create_backup(
-                settings.DB_PATH, output_dir.absolute(), keep=None, progress=stderr_progress("Backing up", verbosity)
-            )
-            self.stdout.write(f"Backed up the current database to {safety.path} first.")
+            if settings.DB_PATH.exists():
+                high_water = sequence_high_water()
+                safety = create_backup(
+                    settings.DB_PATH,
+                    output_dir.absolute(),
+                    keep=None,
+                    progress=stderr_progress("Backing up", verbosity),
+                )
+                self.stdout.write(f"Backed up the current database to {safety.path} first.")
+            else:
+                high_water = 0  # nothing to protect: the restore creates the database
             restore_into(file, settings.DB_PATH)
         except BackupError as exc:
             raise CommandError(str(exc)) from exc
