@@ -50,8 +50,12 @@ async def aidempotent(request, work: Work, *, schema=None):
 
 
 def fingerprint(request) -> str:
+    """The request's method, path and body; the body as parsed JSON, so key order and spacing do not count."""
     digest = hashlib.sha256(f"{request.method}\0{request.path}\0".encode())
-    digest.update(request.body)
+    try:
+        digest.update(orjson.dumps(orjson.loads(request.body), option=orjson.OPT_SORT_KEYS))
+    except orjson.JSONDecodeError:
+        digest.update(request.body)  # empty (DELETE) or not JSON: the bytes themselves
     return digest.hexdigest()
 
 

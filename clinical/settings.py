@@ -103,8 +103,8 @@ CLINICAL_MAX_BODY_BYTES = 2 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = CLINICAL_MAX_BODY_BYTES
 FILE_UPLOAD_MAX_MEMORY_SIZE = CLINICAL_MAX_BODY_BYTES
 
-# Kept at least this long; vacuumdb purges older ones.
-CLINICAL_IDEMPOTENCY_TTL = timedelta(hours=float(os.environ.get("CLINICAL_IDEMPOTENCY_TTL_HOURS", "24")))
+# Kept at least 24 hours (the contract's floor); vacuumdb purges older ones.
+CLINICAL_IDEMPOTENCY_TTL = timedelta(hours=max(24.0, float(os.environ.get("CLINICAL_IDEMPOTENCY_TTL_HOURS", "24"))))
 CLINICAL_TOKEN_TTL = timedelta(hours=float(os.environ.get("CLINICAL_TOKEN_TTL_HOURS", "12")))
 
 LOGGING = {
