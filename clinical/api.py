@@ -14,7 +14,8 @@ from pydantic import Field
 
 from clinical.health import database_state
 from clinical.idempotency import IdempotencyError
-from clinical.tokens import BearerAuth, auser_authenticate, token_issue, token_revoke
+from clinical.requests import client_ip
+from clinical.tokens import BearerAuth, LoginRefused, alogin, token_revoke
 from recordings.api import router as recordings_router
 from recordings.api import sync_router
 from recordings.models import Recording
@@ -27,6 +28,7 @@ NOT_FOUND = "Not found."
 UNAUTHORIZED = "Missing, unknown, expired or revoked token."
 MALFORMED_JSON = "The request body is not valid JSON"
 DATABASE_UNAVAILABLE = "The database is unavailable right now; retry later."
+TOO_MANY_FAILURES = "Too many failed logins: wait for the time in Retry-After, then try again."
 BAD_CREDENTIALS = "Wrong username or password, or the account is inactive."
 
 
@@ -78,17 +80,21 @@ async def health(request):
 @api.post("/auth/token", auth=None, response={201: TokenOut}, tags=["auth"])
 async def issue_token(request, credentials: Credentials):
     """Exchange a username and password for a bearer token."""
-    user = await auser_authenticate(username=credentials.username, password=credentials.password)
-    if user is None:
-        return _error(request, 401, BAD_CREDENTIALS)
-    raw, token = await sync_to_async(token_issue)(user=user)
+    try:
+        raw, token = await alogin(username=credentials.username, password=credentials.password, ip=client_ip(request))
+    except LoginRefused as refused:
+        if not refused.retry_after:
+            return _error(request, 401, BAD_CREDENTIALS)
+        response = _error(request, 429, TOO_MANY_FAILURES)
+        response["Retry-After"] = str(refused.retry_after)
+        return response
     return Status(201, {"token": raw, "expires_at": token.expires_at.isoformat()})
 
 
 @api.delete("/auth/token", response={204: None}, tags=["auth"])
 async def revoke_token(request):
     """Revoke the token this request presents."""
-    await sync_to_async(token_revoke)(token_id=request.auth.token_id)
+    await sync_to_async(token_revoke)(token_id=request.auth.token_id, actor=request.auth, ip=client_ip(request))
     return Status(204, None)
 
 

@@ -46,3 +46,41 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"idempotency key of {self.user_id}: {self.key}"
+
+
+class AuditEvent(models.Model):
+    """Who read or changed which recording, and who logged in: append-only."""
+
+    class Action(models.TextChoices):
+        CREATE = "create"
+        UPDATE = "update"
+        DELETE = "delete"
+        READ = "read"
+        LOGIN = "login"
+        LOGIN_FAILED = "login_failed"
+        TOKEN_REVOKED = "token_revoked"  # noqa: S105 (an action name)
+
+    at = models.DateTimeField(db_index=True)
+    # No database constraint: the event outlives the user, and keeps the username.
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.DO_NOTHING, db_constraint=False, null=True, related_name="+"
+    )
+    username = models.CharField(max_length=150)
+    action = models.CharField(max_length=20, choices=Action)
+    recording_id = models.UUIDField(null=True, blank=True, db_index=True)
+    fields = models.JSONField(default=list, blank=True)
+    status_from = models.CharField(max_length=20, blank=True, default="")
+    status_to = models.CharField(max_length=20, blank=True, default="")
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
+    outcome = models.CharField(max_length=20, default="success")
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [
+            # The login throttle counts recent failures by username and by address.
+            models.Index(fields=["action", "username", "at"], name="audit_action_user_at"),
+            models.Index(fields=["action", "client_ip", "at"], name="audit_action_ip_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username} {self.action}"

@@ -105,6 +105,12 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = CLINICAL_MAX_BODY_BYTES
 
 # Kept at least 24 hours (the contract's floor); vacuumdb purges older ones.
 CLINICAL_IDEMPOTENCY_TTL = timedelta(hours=max(24.0, float(os.environ.get("CLINICAL_IDEMPOTENCY_TTL_HOURS", "24"))))
+# Audit every API read of a recording (on unless CLINICAL_AUDIT_READS=0).
+CLINICAL_AUDIT_READS = os.environ.get("CLINICAL_AUDIT_READS", "1") != "0"
+# Login throttling: this many failures within the window, and logins answer 429.
+CLINICAL_LOGIN_MAX_FAILURES_PER_USER = int(os.environ.get("CLINICAL_LOGIN_MAX_FAILURES_PER_USER", "5"))
+CLINICAL_LOGIN_MAX_FAILURES_PER_IP = int(os.environ.get("CLINICAL_LOGIN_MAX_FAILURES_PER_IP", "20"))
+CLINICAL_LOGIN_WINDOW_MINUTES = float(os.environ.get("CLINICAL_LOGIN_WINDOW_MINUTES", "15"))
 CLINICAL_TOKEN_TTL = timedelta(hours=float(os.environ.get("CLINICAL_TOKEN_TTL_HOURS", "12")))
 
 LOGGING = {

@@ -11,7 +11,9 @@ from django.db import connection, transaction
 from django.utils import timezone
 from ninja.security import HttpBearer
 
+from clinical.audit import Action, audit_record
 from clinical.models import Token
+from clinical.throttle import FAILED, THROTTLED, login_retry_after
 
 MAX_TOKEN_LENGTH = 256
 # What the API needs of its user; anything else is loaded on first use.
@@ -33,19 +35,47 @@ def hash_token(raw: str) -> str:
     return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+class LoginRefused(Exception):
+    """Wrong credentials (401), or too many failures lately (429 after `retry_after` seconds)."""
+
+    def __init__(self, retry_after: int = 0):
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+async def alogin(*, username: str, password: str, ip: str | None) -> tuple[str, Token]:
+    """Check the throttle, then the credentials; a new token, or LoginRefused. Every attempt is audited."""
+    retry_after = await sync_to_async(login_retry_after)(username=username, ip=ip)
+    if retry_after:
+        await sync_to_async(login_failure_record)(username=username, ip=ip, outcome=THROTTLED)
+        raise LoginRefused(retry_after)
+    user = await auser_authenticate(username=username, password=password)
+    if user is None:
+        await sync_to_async(login_failure_record)(username=username, ip=ip, outcome=FAILED)
+        raise LoginRefused
+    return await sync_to_async(token_issue)(user=user, ip=ip)
+
+
 @transaction.atomic
-def token_issue(*, user) -> tuple[str, Token]:
+def login_failure_record(*, username: str, ip: str | None, outcome: str) -> None:
+    audit_record(actor=username, action=Action.LOGIN_FAILED, ip=ip, outcome=outcome)
+
+
+@transaction.atomic
+def token_issue(*, user, ip: str | None = None) -> tuple[str, Token]:
     raw = secrets.token_urlsafe(32)
     now = timezone.now()
     token = Token.objects.create(
         user=user, key_hash=hash_token(raw), created_at=now, expires_at=now + settings.CLINICAL_TOKEN_TTL
     )
+    audit_record(actor=user, action=Action.LOGIN, ip=ip)
     return raw, token
 
 
 @transaction.atomic
-def token_revoke(*, token_id: int) -> None:
-    Token.objects.filter(pk=token_id, revoked_at__isnull=True).update(revoked_at=timezone.now())
+def token_revoke(*, token_id: int, actor, ip: str | None = None) -> None:
+    if Token.objects.filter(pk=token_id, revoked_at__isnull=True).update(revoked_at=timezone.now()):
+        audit_record(actor=actor, action=Action.TOKEN_REVOKED, ip=ip)
 
 
 @transaction.atomic

@@ -5,6 +5,7 @@ from uuid import UUID
 from ninja import Query, Router
 
 from clinical.idempotency import aidempotent
+from clinical.requests import client_ip
 from recordings.schemas import (
     ChangesOut,
     ChangesQuery,
@@ -26,7 +27,7 @@ async def create_recording(request, data: RecordingIn):
     """Create a recording; with the `id` of one you already created, returns it (200)."""
 
     def work():
-        recording, created = recording_create(owner=request.auth, **data.model_dump())
+        recording, created = recording_create(owner=request.auth, ip=client_ip(request), **data.model_dump())
         return (201 if created else 200), recording
 
     return await aidempotent(request, work, schema=RecordingOut)
@@ -35,13 +36,13 @@ async def create_recording(request, data: RecordingIn):
 @router.get("", response=RecordingList)
 async def list_recordings(request, filters: Query[RecordingFilters]):
     """Your recordings, newest first, with how many match the filters in all."""
-    items, count = await arecording_list(owner=request.auth, **filters.model_dump())
+    items, count = await arecording_list(owner=request.auth, ip=client_ip(request), **filters.model_dump())
     return {"items": items, "count": count}
 
 
 @router.get("/{recording_id}", response=RecordingOut)
 async def get_recording(request, recording_id: UUID):
-    return await arecording_get(owner=request.auth, recording_id=recording_id)
+    return await arecording_get(owner=request.auth, recording_id=recording_id, ip=client_ip(request))
 
 
 @router.patch("/{recording_id}", response=RecordingOut)
@@ -50,7 +51,7 @@ async def update_recording(request, recording_id: UUID, data: RecordingPatch):
 
     def work():
         changes = data.model_dump(exclude_unset=True)
-        return 200, recording_update(owner=request.auth, recording_id=recording_id, **changes)
+        return 200, recording_update(owner=request.auth, recording_id=recording_id, ip=client_ip(request), **changes)
 
     return await aidempotent(request, work, schema=RecordingOut)
 
@@ -60,7 +61,7 @@ async def delete_recording(request, recording_id: UUID):
     """Delete a recording; a tombstone stays for the sync feed."""
 
     def work():
-        recording_delete(owner=request.auth, recording_id=recording_id)
+        recording_delete(owner=request.auth, recording_id=recording_id, ip=client_ip(request))
         return 204, None
 
     return await aidempotent(request, work)
@@ -73,5 +74,5 @@ async def list_changes(request, query: Query[ChangesQuery]):
     Store `cursor` and ask again from it until `has_more` is false: every change
     is seen, once, at its latest state; deleted recordings come as tombstones.
     """
-    changes, cursor, has_more = await achanges_since(owner=request.auth, **query.model_dump())
+    changes, cursor, has_more = await achanges_since(owner=request.auth, ip=client_ip(request), **query.model_dump())
     return {"changes": changes, "cursor": cursor, "has_more": has_more}

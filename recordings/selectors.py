@@ -11,8 +11,10 @@ from datetime import UTC, datetime
 
 import orjson
 from asgiref.sync import sync_to_async
-from django.db import connection
+from django.conf import settings
+from django.db import connection, transaction
 
+from clinical.audit import audit_reads
 from recordings.models import Recording
 
 TABLE = Recording._meta.db_table
@@ -21,25 +23,52 @@ FILTERS = {"status": "status = %s", "patient_ref": "patient_ref = %s"}
 NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
 
 
-async def arecording_get(*, owner, recording_id: uuid.UUID) -> dict:
-    """The owner's live recording; Recording.DoesNotExist for anyone else's."""
-    return await sync_to_async(_recording_get)(owner, recording_id)
+async def arecording_get(*, owner, recording_id: uuid.UUID, ip: str | None = None) -> dict:
+    """The owner's live recording, its read audited; Recording.DoesNotExist for anyone else's."""
+    return await sync_to_async(_audited(_recording_get))(owner, ip, recording_id)
 
 
 async def arecording_list(
-    *, owner, status: str | None = None, patient_ref: str | None = None, limit: int = 50, offset: int = 0
+    *,
+    owner,
+    status: str | None = None,
+    patient_ref: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+    ip: str | None = None,
 ) -> tuple[list[dict], int]:
-    """A page of the owner's recordings, newest first, and how many match in all."""
-    return await sync_to_async(_recording_list)(owner, {"status": status, "patient_ref": patient_ref}, limit, offset)
+    """A page of the owner's recordings, newest first, and how many match in all; each read audited."""
+    filters = {"status": status, "patient_ref": patient_ref}
+    return await sync_to_async(_audited(_recording_list))(owner, ip, filters, limit, offset)
 
 
-async def achanges_since(*, owner, since: int, limit: int) -> tuple[list[dict], int, bool]:
+async def achanges_since(*, owner, since: int, limit: int, ip: str | None = None) -> tuple[list[dict], int, bool]:
     """The owner's recordings changed after cursor `since`, oldest change first: (changes, cursor, has_more).
 
     A row holds only its latest change, so each recording appears once, at its
     latest state; deleted ones come as tombstones.
     """
-    return await sync_to_async(_changes_since)(owner, since, limit)
+    return await sync_to_async(_audited(_changes_since))(owner, ip, since, limit)
+
+
+def _audited(read):
+    """Run a read and audit the recordings it returns, in one transaction."""
+
+    def audited(owner, ip, *args):
+        if not settings.CLINICAL_AUDIT_READS:
+            return read(owner, *args)
+        with transaction.atomic():
+            result = read(owner, *args)
+            audit_reads(actor=owner, recording_ids=_returned_ids(result), ip=ip)
+        return result
+
+    return audited
+
+
+def _returned_ids(result) -> list:
+    rows = result if isinstance(result, dict) else result[0]
+    rows = [rows] if isinstance(rows, dict) else rows
+    return [row["id"] for row in rows if not row.get("deleted")]
 
 
 def _recording_get(owner, recording_id: uuid.UUID) -> dict:

@@ -7,6 +7,7 @@ import orjson
 from django.db import connection, transaction
 from django.utils import timezone
 
+from clinical.audit import Action, audit_reads, audit_record
 from clinical.changes import next_change_seq
 from recordings.models import INITIAL_STATUSES, TRANSITIONS, Recording
 
@@ -29,8 +30,14 @@ def transition_refused(old: str, new: str) -> str:
 
 
 @transaction.atomic
-def recording_create(*, owner, id: uuid.UUID | None = None, **fields) -> tuple[Recording, bool]:
-    """Create a recording; (recording, created). A retried create returns the stored one."""
+def recording_create(
+    *, owner, actor=None, ip: str | None = None, id: uuid.UUID | None = None, **fields
+) -> tuple[Recording, bool]:
+    """Create a recording; (recording, created). A retried create returns the stored one (audited as a read).
+
+    `actor` is who does it (the owner unless given), `ip` where from: both for the audit trail.
+    """
+    actor = actor or owner
     if id is not None:
         existing = Recording.objects.select_related("owner").filter(pk=id).first()
         if existing is not None:
@@ -38,6 +45,7 @@ def recording_create(*, owner, id: uuid.UUID | None = None, **fields) -> tuple[R
                 raise RecordingConflict(ID_TAKEN)
             if existing.deleted_at is not None:
                 raise RecordingConflict(ID_DELETED)
+            audit_reads(actor=actor, recording_ids=[existing.pk], ip=ip)
             return existing, False
     if fields.get("status", INITIAL_STATUSES[0]) not in INITIAL_STATUSES:
         raise RecordingConflict(f"A new recording starts as {' or '.join(INITIAL_STATUSES)}.")
@@ -46,12 +54,23 @@ def recording_create(*, owner, id: uuid.UUID | None = None, **fields) -> tuple[R
     _validate(recording)
     recording.change_seq = next_change_seq()
     insert_recordings([recording])
+    audit_record(
+        actor=actor,
+        action=Action.CREATE,
+        recording_id=recording.pk,
+        fields=fields,
+        status=("", recording.status),
+        ip=ip,
+    )
     return recording, True
 
 
 @transaction.atomic
-def recording_update(*, owner, recording_id: uuid.UUID, version: int, **changes) -> Recording:
+def recording_update(
+    *, owner, recording_id: uuid.UUID, version: int, actor=None, ip: str | None = None, **changes
+) -> Recording:
     """Apply changes if `version` is current and the status transition is allowed."""
+    actor = actor or owner
     # Read inside the write transaction: the version check must see the latest row.
     recording = _get_live_for_update(owner, recording_id)
     if recording.version != version:
@@ -61,7 +80,9 @@ def recording_update(*, owner, recording_id: uuid.UUID, version: int, **changes)
         raise RecordingConflict(transition_refused(recording.status, new_status), recording)
     changed = {field: value for field, value in changes.items() if not _same(getattr(recording, field), value)}
     if not changed:
+        audit_reads(actor=actor, recording_ids=[recording.pk], ip=ip)  # nothing changed; the answer is a read
         return recording
+    old_status = recording.status
     for field, value in changed.items():
         setattr(recording, field, value)
     _validate(recording)
@@ -69,12 +90,15 @@ def recording_update(*, owner, recording_id: uuid.UUID, version: int, **changes)
     recording.updated_at = timezone.now()
     recording.change_seq = next_change_seq()
     recording.save(update_fields=[*changed, "version", "updated_at", "change_seq"])
+    status = (old_status, recording.status) if "status" in changed else None
+    audit_record(actor=actor, action=Action.UPDATE, recording_id=recording.pk, fields=changed, status=status, ip=ip)
     return recording
 
 
 @transaction.atomic
-def recording_delete(*, owner, recording_id: uuid.UUID) -> Recording:
+def recording_delete(*, owner, recording_id: uuid.UUID, actor=None, ip: str | None = None) -> Recording:
     """Mark a recording deleted, keeping a tombstone for the sync feed; deleting twice is fine."""
+    actor = actor or owner
     recording = Recording.objects.filter(pk=recording_id, owner=owner).first()
     if recording is None:
         raise Recording.DoesNotExist
@@ -86,6 +110,7 @@ def recording_delete(*, owner, recording_id: uuid.UUID) -> Recording:
     recording.version += 1
     recording.change_seq = next_change_seq()
     recording.save(update_fields=["deleted_at", "updated_at", "version", "change_seq"])
+    audit_record(actor=actor, action=Action.DELETE, recording_id=recording.pk, ip=ip)
     return recording
 
 

@@ -4,8 +4,10 @@ import httpx
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
+from django.db import connection
 
 from clinical.asgi import application
+from clinical.audit import drop_triggers_sql, triggers_sql
 from clinical.tokens import token_issue
 from recordings.services import recording_create
 
@@ -14,6 +16,28 @@ from recordings.services import recording_create
 def fast_password_hashing(settings):
     # Real hashing costs half a second a password; the tests are about the rest.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def audit_trail_flushable(request):
+    """pytest-django empties every table after a transactional test; the audit trail's triggers refuse that.
+
+    The triggers stand during the test and go only for the flush that follows it.
+    """
+    marker = request.node.get_closest_marker("django_db")
+    if not (marker and marker.kwargs.get("transaction")) and "transactional_db" not in request.fixturenames:
+        yield
+        return
+    request.getfixturevalue("transactional_db")
+    _run_sql(triggers_sql(connection.vendor))
+    yield
+    _run_sql(drop_triggers_sql(connection.vendor))
+
+
+def _run_sql(statements: list[str]) -> None:
+    with connection.cursor() as cursor:
+        for sql in statements:
+            cursor.execute(sql)
 
 
 @pytest.fixture
