@@ -16,9 +16,9 @@ Action = AuditEvent.Action
 APPEND_ONLY = "audit events are append-only"
 TABLE = AuditEvent._meta.db_table
 SQLITE_TRIGGERS = {f"{TABLE}_no_update": "UPDATE", f"{TABLE}_no_delete": "DELETE"}
-INSERT_READ_SQL = (
+INSERT_SQL = (
     f"INSERT INTO {TABLE} (at, user_id, username, action, recording_id, fields, status_from, status_to, "  # noqa: S608
-    "client_ip, outcome) VALUES (%s, %s, %s, 'read', %s, '[]', '', '', %s, 'success')"
+    "client_ip, outcome) VALUES (%s, %s, %s, %s, %s, '[]', '', %s, %s, 'success')"
 )
 
 
@@ -46,19 +46,24 @@ def audit_record(*, actor, action: str, recording_id=None, fields=(), status=Non
 
 
 def audit_reads(*, actor, recording_ids: list, ip=None) -> None:
-    """One read event per recording returned; a no-op when read auditing is off.
+    """One read event per recording returned; a no-op when read auditing is off."""
+    if settings.CLINICAL_AUDIT_READS:
+        audit_many(actor=actor, action=Action.READ, recording_ids=recording_ids, ip=ip)
 
-    On every GET, so one statement prepared once rather than a model per row.
-    """
-    if not settings.CLINICAL_AUDIT_READS or not recording_ids:
+
+def audit_many(*, actor, action: str, recording_ids: list, statuses: list | None = None, ip=None) -> None:
+    """One event per recording, with one statement prepared once (reads run on every GET)."""
+    if not recording_ids:
         return
     at = connection.ops.adapt_datetimefield_value(timezone.now())
-    id_field = AuditEvent._meta.get_field("recording_id")
+    prep = AuditEvent._meta.get_field("recording_id").get_db_prep_value
+    statuses = statuses or [""] * len(recording_ids)
     rows = [
-        [at, actor.pk, actor.get_username(), id_field.get_db_prep_value(rid, connection), ip] for rid in recording_ids
+        [at, actor.pk, actor.get_username(), action, prep(recording_id, connection), status, ip]
+        for recording_id, status in zip(recording_ids, statuses, strict=True)
     ]
     with connection.cursor() as cursor:
-        cursor.executemany(INSERT_READ_SQL, rows)
+        cursor.executemany(INSERT_SQL, rows)
 
 
 def create_triggers(apps, schema_editor) -> None:

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from django.db import connections
 from django.db.migrations.loader import MigrationLoader
 
 PAGES_PER_STEP = 1024
-NAME_PATTERN = re.compile(r"^clinical-\d{8}T\d{6}Z(-\d+)?\.db$")
+NAME_PATTERN = re.compile(r"^clinical-(\d{8}T\d{6}Z)(?:-(\d+))?\.db$")
 CLINICAL_TABLES = {"django_migrations", "recordings_recording", "clinical_changesequence", "auth_user"}
 
 Progress = Callable[[int, int], None]  # (pages copied, pages in all)
@@ -56,8 +57,9 @@ def create_backup(source: Path, output_dir: Path, *, keep: int | None, progress:
         final = _publish(partial, output_dir, stamp)
     finally:
         partial.unlink(missing_ok=True)
+        partial.with_name(partial.name + "-journal").unlink(missing_ok=True)
     if keep is not None:
-        prune(output_dir, keep)
+        prune(output_dir, keep, spare=final)
     return Backup(final, final.stat().st_size, recordings, time.monotonic() - started)
 
 
@@ -78,20 +80,33 @@ def copy_database(source: Path, target: Path, progress: Progress | None = None) 
 
 def check_copy(path: Path) -> int:
     """Run integrity_check on a copy; the number of recordings in it."""
-    with _closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        result = db.execute("PRAGMA integrity_check").fetchall()
-        if result != [("ok",)]:
-            raise BackupError(f"The copy failed its integrity check ({result[0][0]}); it was discarded.")
-        return db.execute("SELECT count(*) FROM recordings_recording").fetchone()[0]
+    try:
+        with _closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            result = db.execute("PRAGMA integrity_check(1)").fetchall()
+            if result != [("ok",)]:
+                raise BackupError(f"The copy failed its integrity check ({result[0][0]}); it was discarded.")
+            return db.execute("SELECT count(*) FROM recordings_recording").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise BackupError(f"The copy failed its integrity check ({exc}); it was discarded.") from exc
 
 
-def prune(output_dir: Path, keep: int) -> list[Path]:
-    """Delete this command's own backups beyond the newest `keep`; what went."""
-    ours = sorted(path for path in output_dir.iterdir() if NAME_PATTERN.match(path.name))
-    doomed = ours[:-keep] if keep else ours
+def prune(output_dir: Path, keep: int, spare: Path | None = None) -> list[Path]:
+    """Delete this command's own backups beyond the newest `keep` (never `spare`); what went."""
+    ours = sorted((path for path in output_dir.iterdir() if NAME_PATTERN.match(path.name)), key=_age)
+    doomed = [path for path in (ours[:-keep] if keep else ours) if path != spare]
     for path in doomed:
-        path.unlink()
+        path.unlink(missing_ok=True)
     return doomed
+
+
+def _age(path: Path) -> tuple[str, int]:
+    stamp, suffix = NAME_PATTERN.match(path.name).groups()
+    return stamp, int(suffix or 1)
+
+
+def database_path() -> Path:
+    """The file the default connection uses (the test database under pytest)."""
+    return Path(connections["default"].settings_dict["NAME"])
 
 
 def inspect_restore_source(path: Path) -> set[tuple[str, str]]:
@@ -100,7 +115,7 @@ def inspect_restore_source(path: Path) -> set[tuple[str, str]]:
         raise BackupError(f"There is no file at {path}.")
     try:
         with _closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            result = db.execute("PRAGMA integrity_check").fetchall()
+            result = db.execute("PRAGMA integrity_check(1)").fetchall()
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if result != [("ok",)]:
                 raise BackupError(f"{path} fails SQLite's integrity check ({result[0][0]}); it was not restored.")

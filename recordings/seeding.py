@@ -8,6 +8,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from faker import Faker
 
+from clinical.audit import Action, audit_many
 from recordings.models import Recording, Status
 from recordings.services import insert_recordings
 
@@ -51,6 +52,12 @@ def _insert_batch(recordings: list[Recording]) -> None:
     for offset, recording in enumerate(recordings):
         recording.change_seq = last - len(recordings) + 1 + offset
     insert_recordings(recordings)
+    audit_many(
+        actor=recordings[0].owner,
+        action=Action.CREATE,
+        recording_ids=[recording.pk for recording in recordings],
+        statuses=[recording.status for recording in recordings],
+    )
 
 
 def _take_change_numbers(count: int) -> int:
@@ -97,7 +104,10 @@ def _verification(rng: random.Random) -> dict:
     }
 
 
+@transaction.atomic
 def clear_recordings(*, owner) -> int:
-    """Delete the owner's recordings outright (demo databases only); how many went."""
-    deleted, _ = Recording.objects.filter(owner=owner).delete()
-    return deleted
+    """Delete the owner's recordings outright (demo databases only), audited; how many went."""
+    ids = list(Recording.objects.filter(owner=owner).values_list("pk", flat=True))
+    Recording.objects.filter(owner=owner).delete()
+    audit_many(actor=owner, action=Action.DELETE, recording_ids=ids)
+    return len(ids)

@@ -10,7 +10,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from clinical.backups import BackupError, create_backup
+from clinical.backups import BackupError, create_backup, database_path
 from clinical.progress import stderr_progress
 
 
@@ -26,7 +26,7 @@ class Command(BaseCommand):
             raise CommandError("--keep must be at least 1: a backup command that keeps nothing protects nothing.")
         progress = stderr_progress("Copying", verbosity)
         try:
-            backup = create_backup(settings.DB_PATH, output_dir.absolute(), keep=keep, progress=progress)
+            backup = create_backup(database_path(), output_dir.absolute(), keep=keep, progress=progress)
         except BackupError as exc:
             raise CommandError(str(exc)) from exc
         if verbosity >= 1:

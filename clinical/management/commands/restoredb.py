@@ -14,9 +14,11 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from clinical.backups import BackupError, create_backup, inspect_restore_source, restore_into
+from clinical.backups import BackupError, create_backup, database_path, inspect_restore_source, restore_into
 from clinical.changes import restart_above, sequence_high_water
 from clinical.progress import stderr_progress
+
+RESTORE_GAP = 1_000_000
 
 
 class Command(BaseCommand):
@@ -35,18 +37,16 @@ class Command(BaseCommand):
         if not yes:
             self._confirm(file)
         try:
-            if settings.DB_PATH.exists():
-                high_water = sequence_high_water()
+            live = database_path()
+            if live.exists():
                 safety = create_backup(
-                    settings.DB_PATH,
-                    output_dir.absolute(),
-                    keep=None,
-                    progress=stderr_progress("Backing up", verbosity),
+                    live, output_dir.absolute(), keep=None, progress=stderr_progress("Backing up", verbosity)
                 )
                 self.stdout.write(f"Backed up the current database to {safety.path} first.")
-            else:
-                high_water = 0  # nothing to protect: the restore creates the database
-            restore_into(file, settings.DB_PATH)
+            # Read right before the copy, and leave a wide gap: the server may
+            # hand out a few numbers in between, never a million.
+            high_water = (sequence_high_water() if live.exists() else 0) + RESTORE_GAP
+            restore_into(file, live)
         except BackupError as exc:
             raise CommandError(str(exc)) from exc
         call_command("migrate", interactive=False, verbosity=max(verbosity - 1, 0))
@@ -59,6 +59,6 @@ class Command(BaseCommand):
     def _confirm(self, file: Path) -> None:
         if not sys.stdin.isatty():
             raise CommandError("Refusing to restore without confirmation: run it on a terminal, or pass --yes.")
-        answer = input(f"Replace the database {settings.DB_PATH} with {file}? Type 'yes' to go on: ")
+        answer = input(f"Replace the database {database_path()} with {file}? Type 'yes' to go on: ")
         if answer.strip().lower() != "yes":
             raise CommandError("Nothing was restored.")

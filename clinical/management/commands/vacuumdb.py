@@ -6,10 +6,10 @@ idempotency keys. VACUUM needs a moment with no other writer: run it when the
 clinic is quiet.
 """
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import OperationalError, connection
 
+from clinical.backups import database_path
 from clinical.idempotency import idempotency_keys_purge
 from clinical.tokens import tokens_purge_expired
 
@@ -39,7 +39,7 @@ class Command(BaseCommand):
 
     @staticmethod
     def _sizes() -> tuple[int, int]:
-        database = settings.DB_PATH
+        database = database_path()
         wal = database.with_name(database.name + "-wal")
         return (
             database.stat().st_size if database.exists() else 0,
