@@ -6,6 +6,8 @@ deletes one, the admin offers neither, and the database refuses both
 (triggers created by migration 0002).
 """
 
+import uuid
+
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
@@ -16,9 +18,10 @@ Action = AuditEvent.Action
 APPEND_ONLY = "audit events are append-only"
 TABLE = AuditEvent._meta.db_table
 SQLITE_TRIGGERS = {f"{TABLE}_no_update": "UPDATE", f"{TABLE}_no_delete": "DELETE"}
+COLUMNS = ("at", "user_id", "username", "action", "recording_id", "fields", "status_from", "status_to", "client_ip")
 INSERT_SQL = (
-    f"INSERT INTO {TABLE} (at, user_id, username, action, recording_id, fields, status_from, status_to, "  # noqa: S608
-    "client_ip, outcome) VALUES (%s, %s, %s, %s, %s, '[]', '', %s, %s, 'success')"
+    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}, outcome) "  # noqa: S608 (names only)
+    f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, %s)"
 )
 
 
@@ -31,39 +34,43 @@ def audit_record(*, actor, action: str, recording_id=None, fields=(), status=Non
     """
     user = None if isinstance(actor, str) else actor
     status_from, status_to = status or ("", "")
-    return AuditEvent.objects.create(
-        at=timezone.now(),
-        user_id=getattr(user, "pk", None),
-        username=actor if user is None else user.get_username(),
-        action=action,
-        recording_id=recording_id,
-        fields=sorted(fields),
-        status_from=status_from,
-        status_to=status_to,
-        client_ip=ip,
-        outcome=outcome,
-    )
+    username = actor if user is None else user.get_username()
+    _insert(user, username, action, [(recording_id, status_to)], ip, outcome, sorted(fields), status_from)
 
 
 def audit_reads(*, actor, recording_ids: list, ip=None) -> None:
     """One read event per recording returned; a no-op when read auditing is off."""
-    if settings.CLINICAL_AUDIT_READS:
-        audit_many(actor=actor, action=Action.READ, recording_ids=recording_ids, ip=ip)
+    if settings.CLINICAL_AUDIT_READS and recording_ids:
+        _insert(actor, actor.get_username(), Action.READ, [(rid, "") for rid in recording_ids], ip)
 
 
 def audit_many(*, actor, action: str, recording_ids: list, statuses: list | None = None, ip=None) -> None:
-    """One event per recording, with one statement prepared once (reads run on every GET)."""
-    if not recording_ids:
-        return
+    """One event per recording (seeding, clearing), status_to from `statuses`."""
+    if recording_ids:
+        statuses = statuses or [""] * len(recording_ids)
+        _insert(actor, actor.get_username(), action, list(zip(recording_ids, statuses, strict=True)), ip)
+
+
+def _insert(user, username, action, targets, ip, outcome="success", fields=(), status_from="") -> None:
+    # One statement prepared once: reads write an event per recording on every GET.
     at = connection.ops.adapt_datetimefield_value(timezone.now())
-    prep = AuditEvent._meta.get_field("recording_id").get_db_prep_value
-    statuses = statuses or [""] * len(recording_ids)
+    names = _prep("fields", list(fields))
+    user_id = getattr(user, "pk", None)
     rows = [
-        [at, actor.pk, actor.get_username(), action, prep(recording_id, connection), status, ip]
-        for recording_id, status in zip(recording_ids, statuses, strict=True)
+        [at, user_id, username, action, _db_uuid(rid), names, status_from, status_to, ip, outcome]
+        for rid, status_to in targets
     ]
     with connection.cursor() as cursor:
         cursor.executemany(INSERT_SQL, rows)
+
+
+def _db_uuid(value):
+    # Ids read by our own SQL are in the database's form already.
+    return _prep("recording_id", value) if isinstance(value, uuid.UUID) else value
+
+
+def _prep(field: str, value):
+    return AuditEvent._meta.get_field(field).get_db_prep_save(value, connection)
 
 
 def create_triggers(apps, schema_editor) -> None:

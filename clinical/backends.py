@@ -9,6 +9,8 @@ from clinical.requests import client_ip
 from clinical.throttle import FAILED, THROTTLED, login_retry_after
 from clinical.tokens import login_failure_record
 
+NOT_STAFF = "not_staff"
+
 
 class ThrottledModelBackend(ModelBackend):
     def authenticate(self, request, username=None, password=None, **kwargs):
@@ -20,6 +22,7 @@ class ThrottledModelBackend(ModelBackend):
         if user is None:
             login_failure_record(username=username or "", ip=ip, outcome=FAILED)
         else:
+            # This backend serves the admin, which turns away all but staff.
             with transaction.atomic():
-                audit_record(actor=user, action=Action.LOGIN, ip=ip)
+                audit_record(actor=user, action=Action.LOGIN, ip=ip, outcome="success" if user.is_staff else NOT_STAFF)
         return user

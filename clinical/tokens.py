@@ -2,6 +2,7 @@
 
 import hashlib
 import secrets
+from datetime import UTC, datetime, timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -16,6 +17,7 @@ from clinical.models import Token
 from clinical.throttle import FAILED, THROTTLED, login_retry_after
 
 MAX_TOKEN_LENGTH = 256
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 # What the API needs of its user; anything else is loaded on first use.
 # In model order: from_db() maps values to the model's fields in that order.
 USER_FIELDS = [
@@ -24,7 +26,7 @@ USER_FIELDS = [
     if field.attname in {"id", "username", "is_active", "is_staff", "is_superuser"}
 ]
 TOKEN_USER_SQL = (
-    f"SELECT {', '.join('u.' + name for name in USER_FIELDS)}, t.id "  # noqa: S608 (names only)
+    f"SELECT {', '.join('u.' + name for name in USER_FIELDS)}, t.id, t.last_used_at "  # noqa: S608 (names only)
     f"FROM {Token._meta.db_table} t JOIN {get_user_model()._meta.db_table} u ON u.id = t.user_id "
     "WHERE t.key_hash = %s AND t.revoked_at IS NULL AND t.expires_at > %s AND u.is_active = %s"
 )
@@ -94,15 +96,26 @@ async def atoken_user(raw: str):
 
 def _token_user(key_hash: str):
     # Every request runs this: SQL written out once, not a queryset compiled each time.
-    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    now = timezone.now()
     with connection.cursor() as cursor:
-        cursor.execute(TOKEN_USER_SQL, [key_hash, now, True])
+        cursor.execute(TOKEN_USER_SQL, [key_hash, connection.ops.adapt_datetimefield_value(now), True])
         row = cursor.fetchone()
-    if row is None:
-        return None
-    user = get_user_model().from_db(connection.alias, USER_FIELDS, [*row[:-1]])
-    user.token_id = row[-1]
+        if row is None:
+            return None
+        *user_values, token_id, last_used = row
+        if last_used is None or _aware(last_used) < now - LAST_USED_RESOLUTION:
+            # At most once a minute a token: a write on every request would queue behind writers.
+            cursor.execute(
+                f"UPDATE {Token._meta.db_table} SET last_used_at = %s WHERE id = %s",  # noqa: S608
+                [connection.ops.adapt_datetimefield_value(now), token_id],
+            )
+    user = get_user_model().from_db(connection.alias, USER_FIELDS, user_values)
+    user.token_id = token_id
     return user
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 async def auser_authenticate(*, username: str, password: str):

@@ -8,9 +8,25 @@ from django.utils.html import format_html
 
 from clinical.requests import client_ip
 from recordings.models import TRANSITIONS, Recording
-from recordings.services import RecordingConflict, recording_delete, recording_update, transition_refused
+from recordings.services import (
+    STALE_VERSION,
+    RecordingConflict,
+    recording_delete,
+    recording_update,
+    transition_refused,
+)
 
-EDITABLE = ("patient_ref", "title", "note_type", "status", "audio_path", "duration_seconds", "transcript", "error")
+EDITABLE = (
+    "patient_ref",
+    "title",
+    "note_type",
+    "status",
+    "audio_path",
+    "duration_seconds",
+    "recorded_at",
+    "transcript",
+    "error",
+)
 
 
 class RecordingForm(forms.ModelForm):
@@ -27,6 +43,8 @@ class RecordingForm(forms.ModelForm):
 
     def clean(self):
         cleaned = super().clean()
+        if cleaned.get("seen_version") not in (None, self.instance.version):
+            raise forms.ValidationError(f"{STALE_VERSION} Reload the page to see the current version.")
         old, new = self.instance.status, cleaned.get("status")
         if new and new != old and new not in TRANSITIONS[old]:
             self.add_error("status", transition_refused(old, new))
@@ -55,7 +73,7 @@ class RecordingAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     list_select_related = ("owner",)
     readonly_fields = ("id", "owner", "version", "created_at", "updated_at", "deleted_at", "results_json")
-    fields = ("id", "owner", *EDITABLE, "results_json", "recorded_at", "version", "created_at", "updated_at")
+    fields = ("id", "owner", *EDITABLE, "results_json", "version", "seen_version", "created_at", "updated_at")
     ordering = ("-created_at",)
 
     def has_add_permission(self, request):
