@@ -8,4 +8,4 @@ class ClinicalConfig(AppConfig):
     verbose_name = "Clinical platform"
 
     def ready(self) -> None:
-        from clinical import sqlite  # noqa: F401  (connects the pragma receiver)
+        from clinical import checks, sqlite  # noqa: F401  (registers the checks, connects the pragma receiver)

@@ -7,6 +7,7 @@ client may fix the request and retry with the same key.
 """
 
 import hashlib
+import uuid
 from collections.abc import Callable
 
 import orjson
@@ -17,7 +18,9 @@ from django.http import HttpResponse
 from django.utils import timezone
 from ninja import Status
 
+from clinical.audit import audit_reads
 from clinical.models import IdempotencyKey
+from clinical.requests import client_ip
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
@@ -42,7 +45,9 @@ async def aidempotent(request, work: Work, *, schema=None):
         return Status(status, payload)
     if not 1 <= len(key) <= MAX_KEY_LENGTH:
         raise IdempotencyError(KEY_INVALID)
-    status, body, replayed = await sync_to_async(_run_once)(request.auth, key, fingerprint(request), work, schema)
+    status, body, replayed = await sync_to_async(_run_once)(
+        request.auth, key, fingerprint(request), work, schema, client_ip(request)
+    )
     response = HttpResponse(body, status=status, content_type="application/json")
     if replayed:
         response[REPLAYED] = "true"
@@ -59,13 +64,16 @@ def fingerprint(request) -> str:
     return digest.hexdigest()
 
 
-def _run_once(user, key: str, fingerprint: str, work: Work, schema) -> tuple[int, bytes, bool]:
+def _run_once(user, key: str, fingerprint: str, work: Work, schema, ip) -> tuple[int, bytes, bool]:
     with transaction.atomic():
         stored = _stored(user, key)
         if stored is not None:
             if stored.fingerprint != fingerprint:
                 raise IdempotencyError(KEY_REUSED)
-            return stored.status_code, bytes(stored.body), True
+            body = bytes(stored.body)
+            if body:  # a recording delivered again is read again
+                audit_reads(actor=user, recording_ids=[uuid.UUID(orjson.loads(body)["id"])], ip=ip)
+            return stored.status_code, body, True
         status, payload = work()
         body = b"" if payload is None else orjson.dumps(schema.model_validate(payload).model_dump())
         IdempotencyKey.objects.create(

@@ -91,8 +91,8 @@ def _as_json(response):
     status = response.status_code
     detail = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
     replacement = JsonResponse({"detail": f"{detail}."}, status=status)
-    for header in ("Allow", "Retry-After", "WWW-Authenticate"):
-        if header in response:
-            replacement[header] = response[header]
+    for header, value in response.items():
+        if header.lower() not in ("content-type", "content-length"):
+            replacement[header] = value  # Allow, Retry-After, the security headers...
     replacement["Cache-Control"] = "no-store"
     return replacement

@@ -65,7 +65,8 @@ MIDDLEWARE = [
 ]
 
 # Django's deploy checks look for its own middleware paths; ours are subclasses
-# of those three (hooks run inline), which tests/test_hardening.py asserts.
+# of those three (hooks run inline). clinical/checks.py runs the same checks
+# as if they were Django's, and tests/test_hardening.py asserts the subclasses.
 SILENCED_SYSTEM_CHECKS = ["security.W001", "security.W002", "security.W003"]
 
 ROOT_URLCONF = "clinical.urls"

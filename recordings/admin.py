@@ -29,6 +29,9 @@ EDITABLE = (
 )
 
 
+DELETED = "This recording was deleted: it can no longer be changed."
+
+
 class RecordingForm(forms.ModelForm):
     # The version this form was loaded at: an edit made meanwhile elsewhere is a conflict.
     seen_version = forms.IntegerField(widget=forms.HiddenInput)
@@ -43,6 +46,8 @@ class RecordingForm(forms.ModelForm):
 
     def clean(self):
         cleaned = super().clean()
+        if self.instance.deleted_at is not None:
+            raise forms.ValidationError(DELETED)
         if cleaned.get("seen_version") not in (None, self.instance.version):
             raise forms.ValidationError(f"{STALE_VERSION} Reload the page to see the current version.")
         old, new = self.instance.status, cleaned.get("status")
@@ -79,6 +84,11 @@ class RecordingAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False  # recordings come from clinicians' devices
 
+    def get_readonly_fields(self, request, obj=None):
+        if obj is not None and obj.deleted_at is not None:
+            return (*self.readonly_fields, *EDITABLE)  # a tombstone is shown, not edited
+        return self.readonly_fields
+
     @admin.display(description="verification results")
     def results_json(self, recording):
         text = json.dumps(recording.verification_results, indent=2, ensure_ascii=False, sort_keys=True)
@@ -97,6 +107,9 @@ class RecordingAdmin(admin.ModelAdmin):
             )
         except RecordingConflict as conflict:
             messages.error(request, f"Not saved: {conflict.detail} Reload the page to see the current version.")
+            return
+        except Recording.DoesNotExist:
+            messages.error(request, f"Not saved: {DELETED}")
             return
         obj.version = saved.version
 
