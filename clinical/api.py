@@ -3,7 +3,6 @@
 import logging
 
 import orjson
-from asgiref.sync import sync_to_async
 from django.db import DatabaseError, DataError, IntegrityError, NotSupportedError, ProgrammingError
 from django.http import Http404
 from ninja import NinjaAPI, Schema, Status
@@ -12,6 +11,7 @@ from ninja.parser import Parser
 from ninja.renderers import BaseRenderer
 from pydantic import Field
 
+from clinical.connections import on_db_thread
 from clinical.health import database_state
 from clinical.idempotency import IdempotencyError
 from clinical.requests import client_ip
@@ -72,7 +72,7 @@ class TokenOut(Schema):
 @api.get("/health", auth=None, tags=["platform"])
 async def health(request):
     """Liveness and database readiness: 200, or 503 when the database is unusable."""
-    state = await sync_to_async(database_state)()
+    state = await on_db_thread(database_state)
     status = 200 if state.pop("ready") else 503
     return api.create_response(request, {"status": "ok" if status == 200 else "unavailable", **state}, status=status)
 
@@ -94,7 +94,7 @@ async def issue_token(request, credentials: Credentials):
 @api.delete("/auth/token", response={204: None}, tags=["auth"])
 async def revoke_token(request):
     """Revoke the token this request presents."""
-    await sync_to_async(token_revoke)(token_id=request.auth.token_id, actor=request.auth, ip=client_ip(request))
+    await on_db_thread(token_revoke, token_id=request.auth.token_id, actor=request.auth, ip=client_ip(request))
     return Status(204, None)
 
 

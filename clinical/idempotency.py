@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Callable
 
 import orjson
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import transaction
 from django.http import HttpResponse
@@ -19,6 +18,7 @@ from django.utils import timezone
 from ninja import Status
 
 from clinical.audit import audit_reads
+from clinical.connections import on_db_thread
 from clinical.models import IdempotencyKey
 from clinical.requests import client_ip
 
@@ -41,12 +41,12 @@ async def aidempotent(request, work: Work, *, schema=None):
     """Run `work` once per Idempotency-Key of this user; without the header, just run it."""
     key = request.headers.get(HEADER)
     if key is None:
-        status, payload = await sync_to_async(work)()
+        status, payload = await on_db_thread(work)
         return Status(status, payload)
     if not 1 <= len(key) <= MAX_KEY_LENGTH:
         raise IdempotencyError(KEY_INVALID)
-    status, body, replayed = await sync_to_async(_run_once)(
-        request.auth, key, fingerprint(request), work, schema, client_ip(request)
+    status, body, replayed = await on_db_thread(
+        _run_once, request.auth, key, fingerprint(request), work, schema, client_ip(request)
     )
     response = HttpResponse(body, status=status, content_type="application/json")
     if replayed:

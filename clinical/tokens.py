@@ -13,6 +13,7 @@ from django.utils import timezone
 from ninja.security import HttpBearer
 
 from clinical.audit import Action, audit_record
+from clinical.connections import on_db_thread
 from clinical.models import Token
 from clinical.throttle import FAILED, THROTTLED, login_retry_after
 
@@ -47,15 +48,15 @@ class LoginRefused(Exception):
 
 async def alogin(*, username: str, password: str, ip: str | None) -> tuple[str, Token]:
     """Check the throttle, then the credentials; a new token, or LoginRefused. Every attempt is audited."""
-    retry_after = await sync_to_async(login_retry_after)(username=username, ip=ip)
+    retry_after = await on_db_thread(login_retry_after, username=username, ip=ip)
     if retry_after:
-        await sync_to_async(login_failure_record)(username=username, ip=ip, outcome=THROTTLED)
+        await on_db_thread(login_failure_record, username=username, ip=ip, outcome=THROTTLED)
         raise LoginRefused(retry_after)
     user = await auser_authenticate(username=username, password=password)
     if user is None:
-        await sync_to_async(login_failure_record)(username=username, ip=ip, outcome=FAILED)
+        await on_db_thread(login_failure_record, username=username, ip=ip, outcome=FAILED)
         raise LoginRefused
-    return await sync_to_async(token_issue)(user=user, ip=ip)
+    return await on_db_thread(token_issue, user=user, ip=ip)
 
 
 @transaction.atomic
@@ -91,7 +92,7 @@ async def atoken_user(raw: str):
     """The active user of an unexpired, unrevoked token, or None; user.token_id is the token's id."""
     if not raw or len(raw) > MAX_TOKEN_LENGTH:
         return None
-    return await sync_to_async(_token_user)(hash_token(raw))
+    return await on_db_thread(_token_user, hash_token(raw))
 
 
 def _token_user(key_hash: str):

@@ -10,11 +10,11 @@ import uuid
 from datetime import UTC, datetime
 
 import orjson
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, transaction
 
 from clinical.audit import audit_reads
+from clinical.connections import on_db_thread
 from recordings.models import Recording
 
 TABLE = Recording._meta.db_table
@@ -25,7 +25,7 @@ NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
 
 async def arecording_get(*, owner, recording_id: uuid.UUID, ip: str | None = None) -> dict:
     """The owner's live recording, its read audited; Recording.DoesNotExist for anyone else's."""
-    return await sync_to_async(_audited(_recording_get))(owner, ip, recording_id)
+    return await on_db_thread(_audited(_recording_get), owner, ip, recording_id)
 
 
 async def arecording_list(
@@ -39,7 +39,7 @@ async def arecording_list(
 ) -> tuple[list[dict], int]:
     """A page of the owner's recordings, newest first, and how many match in all; each read audited."""
     filters = {"status": status, "patient_ref": patient_ref}
-    return await sync_to_async(_audited(_recording_list))(owner, ip, filters, limit, offset)
+    return await on_db_thread(_audited(_recording_list), owner, ip, filters, limit, offset)
 
 
 async def achanges_since(*, owner, since: int, limit: int, ip: str | None = None) -> tuple[list[dict], int, bool]:
@@ -48,7 +48,7 @@ async def achanges_since(*, owner, since: int, limit: int, ip: str | None = None
     A row holds only its latest change, so each recording appears once, at its
     latest state; deleted ones come as tombstones.
     """
-    return await sync_to_async(_audited(_changes_since))(owner, ip, since, limit)
+    return await on_db_thread(_audited(_changes_since), owner, ip, since, limit)
 
 
 def _audited(read):
