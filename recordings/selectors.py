@@ -8,6 +8,7 @@ one hop to the database thread.
 
 import uuid
 from datetime import UTC, datetime
+from functools import wraps
 
 import orjson
 from django.conf import settings
@@ -25,7 +26,7 @@ NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
 
 async def arecording_get(*, owner, recording_id: uuid.UUID, ip: str | None = None) -> dict:
     """The owner's live recording, its read audited; Recording.DoesNotExist for anyone else's."""
-    return await on_db_thread(_audited(_recording_get), owner, ip, recording_id)
+    return await on_db_thread(_recording_get, owner, ip, recording_id)
 
 
 async def arecording_list(
@@ -39,7 +40,7 @@ async def arecording_list(
 ) -> tuple[list[dict], int]:
     """A page of the owner's recordings, newest first, and how many match in all; each read audited."""
     filters = {"status": status, "patient_ref": patient_ref}
-    return await on_db_thread(_audited(_recording_list), owner, ip, filters, limit, offset)
+    return await on_db_thread(_recording_list, owner, ip, filters, limit, offset)
 
 
 async def achanges_since(*, owner, since: int, limit: int, ip: str | None = None) -> tuple[list[dict], int, bool]:
@@ -48,12 +49,13 @@ async def achanges_since(*, owner, since: int, limit: int, ip: str | None = None
     A row holds only its latest change, so each recording appears once, at its
     latest state; deleted ones come as tombstones.
     """
-    return await on_db_thread(_audited(_changes_since), owner, ip, since, limit)
+    return await on_db_thread(_changes_since, owner, ip, since, limit)
 
 
 def _audited(read):
-    """Run a read and audit the recordings it returns, in one transaction."""
+    """Run a read and audit the recordings it returns, in one transaction; the wrapped read takes `ip` second."""
 
+    @wraps(read)
     def audited(owner, ip, *args):
         if not settings.CLINICAL_AUDIT_READS:
             return read(owner, *args)
@@ -71,6 +73,7 @@ def _returned_ids(result) -> list:
     return [row["id"] for row in rows if not row.get("deleted")]
 
 
+@_audited
 def _recording_get(owner, recording_id: uuid.UUID) -> dict:
     sql = f"SELECT * FROM {TABLE} WHERE id = %s AND {LIVE_OF_OWNER}"  # noqa: S608 (constants only)
     rows = _rows(sql, [_db_id(recording_id), owner.pk], owner)
@@ -79,6 +82,7 @@ def _recording_get(owner, recording_id: uuid.UUID) -> dict:
     return rows[0]
 
 
+@_audited
 def _recording_list(owner, filters: dict, limit: int, offset: int) -> tuple[list[dict], int]:
     where, params = LIVE_OF_OWNER, [owner.pk]
     for name, value in filters.items():
@@ -93,6 +97,7 @@ def _recording_list(owner, filters: dict, limit: int, offset: int) -> tuple[list
     return page, count
 
 
+@_audited
 def _changes_since(owner, since: int, limit: int) -> tuple[list[dict], int, bool]:
     sql = f"SELECT * FROM {TABLE} WHERE owner_id = %s AND change_seq > %s ORDER BY change_seq LIMIT %s"  # noqa: S608
     rows = _rows(sql, [owner.pk, since, limit + 1], owner)
