@@ -15,11 +15,12 @@ from clinical.connections import on_db_thread
 from clinical.health import database_state
 from clinical.idempotency import IdempotencyError
 from clinical.requests import client_ip
+from clinical.responses import to_json
 from clinical.tokens import BearerAuth, LoginRefused, alogin, token_revoke
 from recordings.api import router as recordings_router
 from recordings.api import sync_router
 from recordings.models import Recording
-from recordings.schemas import RecordingOut
+from recordings.schemas import recording_data
 from recordings.services import RecordingConflict
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class ORJSONRenderer(BaseRenderer):
     media_type = "application/json"
 
     def render(self, request, data, *, response_status):
-        return orjson.dumps(data)
+        return to_json(data)
 
 
 api = NinjaAPI(
@@ -151,6 +152,6 @@ def not_found(request, exc):
 def conflict(request, exc):
     if exc.recording is None:
         return _error(request, 409, exc.detail)
-    current = RecordingOut.model_validate(exc.recording).model_dump()
+    current = recording_data(exc.recording)
     # The current recording, at the top level and under "current".
     return _error(request, 409, exc.detail, {**current, "current": current})

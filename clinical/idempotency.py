@@ -15,12 +15,12 @@ from django.conf import settings
 from django.db import transaction
 from django.http import HttpResponse
 from django.utils import timezone
-from ninja import Status
 
 from clinical.audit import audit_reads
 from clinical.connections import on_db_thread
 from clinical.models import IdempotencyKey
 from clinical.requests import client_ip
+from clinical.responses import to_json
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
@@ -33,21 +33,22 @@ class IdempotencyError(Exception):
     """The key cannot be used for this request (422)."""
 
 
-# Work: runs in the database thread, returns (status code, payload for the schema or None).
+# Work: runs in the database thread, returns (status code, the answer's data or None).
 Work = Callable[[], tuple[int, object]]
 
 
-async def aidempotent(request, work: Work, *, schema=None):
+async def aidempotent(request, work: Work):
     """Run `work` once per Idempotency-Key of this user; without the header, just run it."""
     key = request.headers.get(HEADER)
     if key is None:
-        status, payload = await on_db_thread(work)
-        return Status(status, payload)
-    if not 1 <= len(key) <= MAX_KEY_LENGTH:
-        raise IdempotencyError(KEY_INVALID)
-    status, body, replayed = await on_db_thread(
-        _run_once, request.auth, key, fingerprint(request), work, schema, client_ip(request)
-    )
+        status, body = await on_db_thread(_run, work)
+        replayed = False
+    else:
+        if not 1 <= len(key) <= MAX_KEY_LENGTH:
+            raise IdempotencyError(KEY_INVALID)
+        status, body, replayed = await on_db_thread(
+            _run_once, request.auth, key, fingerprint(request), work, client_ip(request)
+        )
     response = HttpResponse(body, status=status, content_type="application/json")
     if replayed:
         response[REPLAYED] = "true"
@@ -64,7 +65,12 @@ def fingerprint(request) -> str:
     return digest.hexdigest()
 
 
-def _run_once(user, key: str, fingerprint: str, work: Work, schema, ip) -> tuple[int, bytes, bool]:
+def _run(work: Work) -> tuple[int, bytes]:
+    status, data = work()
+    return status, b"" if data is None else to_json(data)
+
+
+def _run_once(user, key: str, fingerprint: str, work: Work, ip) -> tuple[int, bytes, bool]:
     with transaction.atomic():
         stored = _stored(user, key)
         if stored is not None:
@@ -74,8 +80,7 @@ def _run_once(user, key: str, fingerprint: str, work: Work, schema, ip) -> tuple
             if body:  # a recording delivered again is read again
                 audit_reads(actor=user, recording_ids=[uuid.UUID(orjson.loads(body)["id"])], ip=ip)
             return stored.status_code, body, True
-        status, payload = work()
-        body = b"" if payload is None else orjson.dumps(schema.model_validate(payload).model_dump())
+        status, body = _run(work)
         IdempotencyKey.objects.create(
             user=user, key=key, fingerprint=fingerprint, status_code=status, body=body, created_at=timezone.now()
         )

@@ -6,6 +6,7 @@ from ninja import Query, Router
 
 from clinical.idempotency import aidempotent
 from clinical.requests import client_ip
+from clinical.responses import json_response
 from recordings.schemas import (
     ChangesOut,
     ChangesQuery,
@@ -14,6 +15,7 @@ from recordings.schemas import (
     RecordingList,
     RecordingOut,
     RecordingPatch,
+    recording_data,
 )
 from recordings.selectors import achanges_since, arecording_get, arecording_list
 from recordings.services import recording_create, recording_delete, recording_update
@@ -28,21 +30,20 @@ async def create_recording(request, data: RecordingIn):
 
     def work():
         recording, created = recording_create(owner=request.auth, ip=client_ip(request), **data.model_dump())
-        return (201 if created else 200), recording
+        return (201 if created else 200), recording_data(recording)
 
-    return await aidempotent(request, work, schema=RecordingOut)
+    return await aidempotent(request, work)
 
 
 @router.get("", response=RecordingList)
 async def list_recordings(request, filters: Query[RecordingFilters]):
     """Your recordings, newest first, with how many match the filters in all."""
-    items, count = await arecording_list(owner=request.auth, ip=client_ip(request), **filters.model_dump())
-    return {"items": items, "count": count}
+    return json_response(await arecording_list(owner=request.auth, ip=client_ip(request), **filters.model_dump()))
 
 
 @router.get("/{recording_id}", response=RecordingOut)
 async def get_recording(request, recording_id: UUID):
-    return await arecording_get(owner=request.auth, recording_id=recording_id, ip=client_ip(request))
+    return json_response(await arecording_get(owner=request.auth, recording_id=recording_id, ip=client_ip(request)))
 
 
 @router.patch("/{recording_id}", response=RecordingOut)
@@ -51,9 +52,10 @@ async def update_recording(request, recording_id: UUID, data: RecordingPatch):
 
     def work():
         changes = data.model_dump(exclude_unset=True)
-        return 200, recording_update(owner=request.auth, recording_id=recording_id, ip=client_ip(request), **changes)
+        recording = recording_update(owner=request.auth, recording_id=recording_id, ip=client_ip(request), **changes)
+        return 200, recording_data(recording)
 
-    return await aidempotent(request, work, schema=RecordingOut)
+    return await aidempotent(request, work)
 
 
 @router.delete("/{recording_id}", response={204: None})
@@ -74,5 +76,4 @@ async def list_changes(request, query: Query[ChangesQuery]):
     Store `cursor` and ask again from it until `has_more` is false: every change
     is seen, once, at its latest state; deleted recordings come as tombstones.
     """
-    changes, cursor, has_more = await achanges_since(owner=request.auth, ip=client_ip(request), **query.model_dump())
-    return {"changes": changes, "cursor": cursor, "has_more": has_more}
+    return json_response(await achanges_since(owner=request.auth, ip=client_ip(request), **query.model_dump()))

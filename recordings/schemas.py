@@ -156,6 +156,17 @@ class RecordingOut(BaseModel):
         return getattr(value, "username", value)
 
 
+# What the API answers for a recording, in this order; recording_data() builds it.
+OUT_FIELDS = tuple(RecordingOut.model_fields)
+
+
+def recording_data(recording) -> dict:
+    """A Recording as the API returns it (RecordingOut's fields), ready for orjson."""
+    data = {name: getattr(recording, name) for name in OUT_FIELDS if name != "owner"}
+    data["owner"] = recording.owner.username
+    return data
+
+
 class RecordingList(BaseModel):
     items: list[RecordingOut]
     count: int

@@ -1,13 +1,13 @@
 """Reads of recordings, async; a clinician only ever sees their own.
 
 The hot reads are SQL written out once, returning rows as dicts shaped like
-RecordingOut: building and compiling a queryset, then a model instance per
-row, costs several times more than SQLite takes to answer. Each selector is
-one hop to the database thread.
+RecordingOut, which the API renders with orjson as they are: building a
+queryset, a model instance per row and a pydantic model per answer costs
+several times more than SQLite takes to answer. Each selector is one hop to
+the database thread.
 """
 
 import uuid
-from datetime import UTC, datetime
 from functools import wraps
 
 import orjson
@@ -17,11 +17,16 @@ from django.db import connection, transaction
 from clinical.audit import audit_reads
 from clinical.connections import on_db_thread
 from recordings.models import Recording
+from recordings.schemas import OUT_FIELDS
 
 TABLE = Recording._meta.db_table
+# RecordingOut's fields but the owner's name, which is the caller's.
+COLUMNS = [name for name in OUT_FIELDS if name != "owner"]
+CHANGE_COLUMNS = [*COLUMNS, "change_seq", "deleted_at"]
 LIVE_OF_OWNER = "owner_id = %s AND deleted_at IS NULL"
 FILTERS = {"status": "status = %s", "patient_ref": "patient_ref = %s"}
 NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
+TOMBSTONE_KEYS = ("id", "owner", "version", "change_seq", "updated_at", "deleted_at")
 
 
 async def arecording_get(*, owner, recording_id: uuid.UUID, ip: str | None = None) -> dict:
@@ -37,14 +42,14 @@ async def arecording_list(
     limit: int = 50,
     offset: int = 0,
     ip: str | None = None,
-) -> tuple[list[dict], int]:
-    """A page of the owner's recordings, newest first, and how many match in all; each read audited."""
+) -> dict:
+    """{"items", "count"}: a page of the owner's recordings, newest first, and how many match; each read audited."""
     filters = {"status": status, "patient_ref": patient_ref}
     return await on_db_thread(_recording_list, owner, ip, filters, limit, offset)
 
 
-async def achanges_since(*, owner, since: int, limit: int, ip: str | None = None) -> tuple[list[dict], int, bool]:
-    """The owner's recordings changed after cursor `since`, oldest change first: (changes, cursor, has_more).
+async def achanges_since(*, owner, since: int, limit: int, ip: str | None = None) -> dict:
+    """{"changes", "cursor", "has_more"}: the owner's recordings changed after cursor `since`, oldest change first.
 
     A row holds only its latest change, so each recording appears once, at its
     latest state; deleted ones come as tombstones.
@@ -53,91 +58,97 @@ async def achanges_since(*, owner, since: int, limit: int, ip: str | None = None
 
 
 def _audited(read):
-    """Run a read and audit the recordings it returns, in one transaction; the wrapped read takes `ip` second."""
+    """Run a read and audit the live recordings it returns, in one transaction.
+
+    The wrapped read takes the owner first and returns (answer, ids of the live
+    recordings in it, as the database keeps them); the audited one takes `ip`
+    second and returns the answer.
+    """
 
     @wraps(read)
     def audited(owner, ip, *args):
         if not settings.CLINICAL_AUDIT_READS:
-            return read(owner, *args)
+            return read(owner, *args)[0]
         with transaction.atomic():
-            result = read(owner, *args)
-            audit_reads(actor=owner, recording_ids=_returned_ids(result), ip=ip)
-        return result
+            answer, read_ids = read(owner, *args)
+            audit_reads(actor=owner, recording_ids=read_ids, ip=ip)
+        return answer
 
     return audited
 
 
-def _returned_ids(result) -> list:
-    rows = result if isinstance(result, dict) else result[0]
-    rows = [rows] if isinstance(rows, dict) else rows
-    return [row["id"] for row in rows if not row.get("deleted")]
-
-
 @_audited
-def _recording_get(owner, recording_id: uuid.UUID) -> dict:
-    sql = f"SELECT * FROM {TABLE} WHERE id = %s AND {LIVE_OF_OWNER}"  # noqa: S608 (constants only)
-    rows = _rows(sql, [_db_id(recording_id), owner.pk], owner)
+def _recording_get(owner, recording_id: uuid.UUID) -> tuple[dict, list]:
+    sql = f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE id = %s AND {LIVE_OF_OWNER}"  # noqa: S608 (constants only)
+    rows, ids = _rows(sql, [_db_id(recording_id), owner.pk], owner, COLUMNS)
     if not rows:
         raise Recording.DoesNotExist
-    return rows[0]
+    return rows[0], ids
 
 
 @_audited
-def _recording_list(owner, filters: dict, limit: int, offset: int) -> tuple[list[dict], int]:
+def _recording_list(owner, filters: dict, limit: int, offset: int) -> tuple[dict, list]:
     where, params = LIVE_OF_OWNER, [owner.pk]
     for name, value in filters.items():
         if value is not None:
             where += f" AND {FILTERS[name]}"
             params.append(value)
-    page_sql = f"SELECT * FROM {TABLE} WHERE {where} {NEWEST_FIRST} LIMIT %s OFFSET %s"  # noqa: S608
-    page = _rows(page_sql, [*params, limit, offset], owner)
+    page_sql = f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE {where} {NEWEST_FIRST} LIMIT %s OFFSET %s"  # noqa: S608
+    items, ids = _rows(page_sql, [*params, limit, offset], owner, COLUMNS)
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT COUNT(*) FROM {TABLE} WHERE {where}", params)  # noqa: S608
         (count,) = cursor.fetchone()
-    return page, count
+    return {"items": items, "count": count}, ids
 
 
 @_audited
-def _changes_since(owner, since: int, limit: int) -> tuple[list[dict], int, bool]:
-    sql = f"SELECT * FROM {TABLE} WHERE owner_id = %s AND change_seq > %s ORDER BY change_seq LIMIT %s"  # noqa: S608
-    rows = _rows(sql, [owner.pk, since, limit + 1], owner)
+def _changes_since(owner, since: int, limit: int) -> tuple[dict, list]:
+    sql = (
+        f"SELECT {', '.join(CHANGE_COLUMNS)} FROM {TABLE} "  # noqa: S608 (constants only)
+        "WHERE owner_id = %s AND change_seq > %s ORDER BY change_seq LIMIT %s"
+    )
+    rows, ids = _rows(sql, [owner.pk, since, limit + 1], owner, CHANGE_COLUMNS)
     has_more = len(rows) > limit
-    changes = [_change(row) for row in rows[:limit]]
+    rows, ids = rows[:limit], ids[:limit]
+    live_ids = [db_id for row, db_id in zip(rows, ids, strict=True) if row["deleted_at"] is None]
+    changes = [_change(row) for row in rows]
     cursor = changes[-1]["change_seq"] if changes else since
-    return changes, cursor, has_more
+    return {"changes": changes, "cursor": cursor, "has_more": has_more}, live_ids
 
 
 def _change(row: dict) -> dict:
     if row["deleted_at"] is None:
-        return {**row, "deleted": False}
+        row["deleted"] = False
+        del row["deleted_at"]
+        return row
     # A tombstone carries no clinical content.
-    keys = ("id", "owner", "version", "change_seq", "updated_at")
-    return {**{key: row[key] for key in keys}, "deleted": True, "deleted_at": _utc(row["deleted_at"])}
+    return {**{key: row[key] for key in TOMBSTONE_KEYS}, "deleted": True}
 
 
-def _rows(sql: str, params: list, owner) -> list[dict]:
+def _rows(sql: str, params: list, owner, columns: list[str]) -> tuple[list[dict], list]:
+    """The rows as the API returns them, and their ids as the database keeps them."""
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        names = [column[0] for column in cursor.description]
-        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        rows = cursor.fetchall()
+    ids = [row[0] for row in rows]
+    answers = []
     for row in rows:
-        row["owner"] = owner.username
-        row["verification_results"] = _json(row["verification_results"])
-        for name in ("recorded_at", "created_at", "updated_at"):
-            row[name] = _utc(row[name])
-    return rows
+        answer = dict(zip(columns, row, strict=True))
+        answer["id"] = _api_id(answer["id"])
+        answer["verification_results"] = _json(answer["verification_results"])
+        answer["owner"] = owner.username
+        answers.append(answer)
+    return answers, ids
+
+
+def _api_id(value):
+    # SQLite keeps the hex digits; PostgreSQL's driver hands back a UUID.
+    return uuid.UUID(hex=value) if isinstance(value, str) else value
 
 
 def _json(value):
-    # SQLite hands back the JSON text; PostgreSQL's driver decodes it already.
-    return orjson.loads(value) if isinstance(value, (str, bytes)) else value
-
-
-def _utc(value):
-    # With USE_TZ, SQLite keeps UTC without an offset; PostgreSQL hands back aware datetimes.
-    if isinstance(value, datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
+    # SQLite hands back the JSON text, which goes out as it is; PostgreSQL's driver decodes it already.
+    return orjson.Fragment(value) if isinstance(value, (str, bytes)) else value
 
 
 def _db_id(recording_id: uuid.UUID):
