@@ -9,9 +9,9 @@ deletes one, the admin offers neither, and the database refuses both
 import uuid
 
 from django.conf import settings
-from django.db import connection
 from django.utils import timezone
 
+from clinical import sql
 from clinical.models import AuditEvent
 
 Action = AuditEvent.Action
@@ -53,34 +53,34 @@ def audit_many(*, actor, action: str, recording_ids: list, statuses: list | None
 
 def _insert(user, username, action, targets, ip, outcome="success", fields=(), status_from="") -> None:
     # One statement prepared once: reads write an event per recording on every GET.
-    at = connection.ops.adapt_datetimefield_value(timezone.now())
-    names = _prep("fields", list(fields))
+    db = sql.db()
+    at = db.ops.adapt_datetimefield_value(timezone.now())
+    names = _prep(db, "fields", list(fields))
     user_id = getattr(user, "pk", None)
     rows = [
-        [at, user_id, username, action, _db_uuid(rid), names, status_from, status_to, ip, outcome]
+        [at, user_id, username, action, _db_uuid(db, rid), names, status_from, status_to, ip, outcome]
         for rid, status_to in targets
     ]
-    with connection.cursor() as cursor:
-        cursor.executemany(INSERT_SQL, rows)
+    sql.executemany(db, INSERT_SQL, rows)
 
 
-def _db_uuid(value):
+def _db_uuid(db, value):
     # Ids read by our own SQL are in the database's form already.
-    return _prep("recording_id", value) if isinstance(value, uuid.UUID) else value
+    return _prep(db, "recording_id", value) if isinstance(value, uuid.UUID) else value
 
 
-def _prep(field: str, value):
-    return AuditEvent._meta.get_field(field).get_db_prep_save(value, connection)
+def _prep(db, field: str, value):
+    return AuditEvent._meta.get_field(field).get_db_prep_save(value, db)
 
 
 def create_triggers(apps, schema_editor) -> None:
-    for sql in triggers_sql(schema_editor.connection.vendor):
-        schema_editor.execute(sql)
+    for statement in triggers_sql(schema_editor.connection.vendor):
+        schema_editor.execute(statement)
 
 
 def drop_triggers(apps, schema_editor) -> None:
-    for sql in drop_triggers_sql(schema_editor.connection.vendor):
-        schema_editor.execute(sql)
+    for statement in drop_triggers_sql(schema_editor.connection.vendor):
+        schema_editor.execute(statement)
 
 
 def triggers_sql(vendor: str) -> list[str]:

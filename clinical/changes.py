@@ -2,6 +2,7 @@
 
 from django.db import connection, transaction
 
+from clinical import sql
 from recordings.models import Recording
 
 # One statement: the row is created on first use and bumped atomically after.
@@ -19,11 +20,10 @@ def next_change_seq() -> int:
     numbers are taken in commit order: no change can commit later with a
     number below one a client has already seen.
     """
-    if not connection.in_atomic_block:
+    db = sql.db()
+    if not db.in_atomic_block:
         raise RuntimeError("next_change_seq() must run inside the write transaction that uses it")
-    with connection.cursor() as cursor:
-        cursor.execute(NEXT_SQL)
-        return cursor.fetchone()[0]
+    return sql.execute(db, NEXT_SQL).fetchone()[0]
 
 
 def sequence_high_water() -> int:

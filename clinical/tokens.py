@@ -8,10 +8,11 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import check_password, make_password
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 from ninja.security import HttpBearer
 
+from clinical import sql
 from clinical.audit import Action, audit_record
 from clinical.connections import on_db_thread
 from clinical.models import Token
@@ -31,6 +32,7 @@ TOKEN_USER_SQL = (
     f"FROM {Token._meta.db_table} t JOIN {get_user_model()._meta.db_table} u ON u.id = t.user_id "
     "WHERE t.key_hash = %s AND t.revoked_at IS NULL AND t.expires_at > %s AND u.is_active = %s"
 )
+LAST_USED_SQL = f"UPDATE {Token._meta.db_table} SET last_used_at = %s WHERE id = %s"  # noqa: S608
 
 
 def hash_token(raw: str) -> str:
@@ -97,20 +99,16 @@ async def atoken_user(raw: str):
 
 def _token_user(key_hash: str):
     # Every request runs this: SQL written out once, not a queryset compiled each time.
-    now = timezone.now()
-    with connection.cursor() as cursor:
-        cursor.execute(TOKEN_USER_SQL, [key_hash, connection.ops.adapt_datetimefield_value(now), True])
-        row = cursor.fetchone()
-        if row is None:
-            return None
-        *user_values, token_id, last_used = row
-        if last_used is None or _aware(last_used) < now - LAST_USED_RESOLUTION:
-            # At most once a minute a token: a write on every request would queue behind writers.
-            cursor.execute(
-                f"UPDATE {Token._meta.db_table} SET last_used_at = %s WHERE id = %s",  # noqa: S608
-                [connection.ops.adapt_datetimefield_value(now), token_id],
-            )
-    user = get_user_model().from_db(connection.alias, USER_FIELDS, user_values)
+    db, now = sql.db(), timezone.now()
+    stamp = db.ops.adapt_datetimefield_value(now)
+    row = sql.execute(db, TOKEN_USER_SQL, [key_hash, stamp, True]).fetchone()
+    if row is None:
+        return None
+    *user_values, token_id, last_used = row
+    if last_used is None or _aware(last_used) < now - LAST_USED_RESOLUTION:
+        # At most once a minute a token: a write on every request would queue behind writers.
+        sql.execute(db, LAST_USED_SQL, [stamp, token_id])
+    user = get_user_model().from_db(db.alias, USER_FIELDS, user_values)
     user.token_id = token_id
     return user
 

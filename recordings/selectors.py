@@ -12,8 +12,9 @@ from functools import wraps
 
 import orjson
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 
+from clinical import sql
 from clinical.audit import audit_reads
 from clinical.connections import on_db_thread
 from recordings.models import Recording
@@ -79,8 +80,8 @@ def _audited(read):
 
 @_audited
 def _recording_get(owner, recording_id: uuid.UUID) -> tuple[dict, list]:
-    sql = f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE id = %s AND {LIVE_OF_OWNER}"  # noqa: S608 (constants only)
-    rows, ids = _rows(sql, [_db_id(recording_id), owner.pk], owner, COLUMNS)
+    statement = f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE id = %s AND {LIVE_OF_OWNER}"  # noqa: S608
+    rows, ids = _rows(statement, [_db_id(recording_id), owner.pk], owner, COLUMNS)
     if not rows:
         raise Recording.DoesNotExist
     return rows[0], ids
@@ -95,19 +96,17 @@ def _recording_list(owner, filters: dict, limit: int, offset: int) -> tuple[dict
             params.append(value)
     page_sql = f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE {where} {NEWEST_FIRST} LIMIT %s OFFSET %s"  # noqa: S608
     items, ids = _rows(page_sql, [*params, limit, offset], owner, COLUMNS)
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT COUNT(*) FROM {TABLE} WHERE {where}", params)  # noqa: S608
-        (count,) = cursor.fetchone()
+    (count,) = sql.execute(sql.db(), f"SELECT COUNT(*) FROM {TABLE} WHERE {where}", params).fetchone()  # noqa: S608
     return {"items": items, "count": count}, ids
 
 
 @_audited
 def _changes_since(owner, since: int, limit: int) -> tuple[dict, list]:
-    sql = (
+    statement = (
         f"SELECT {', '.join(CHANGE_COLUMNS)} FROM {TABLE} "  # noqa: S608 (constants only)
         "WHERE owner_id = %s AND change_seq > %s ORDER BY change_seq LIMIT %s"
     )
-    rows, ids = _rows(sql, [owner.pk, since, limit + 1], owner, CHANGE_COLUMNS)
+    rows, ids = _rows(statement, [owner.pk, since, limit + 1], owner, CHANGE_COLUMNS)
     has_more = len(rows) > limit
     rows, ids = rows[:limit], ids[:limit]
     live_ids = [db_id for row, db_id in zip(rows, ids, strict=True) if row["deleted_at"] is None]
@@ -125,11 +124,9 @@ def _change(row: dict) -> dict:
     return {**{key: row[key] for key in TOMBSTONE_KEYS}, "deleted": True}
 
 
-def _rows(sql: str, params: list, owner, columns: list[str]) -> tuple[list[dict], list]:
+def _rows(statement: str, params: list, owner, columns: list[str]) -> tuple[list[dict], list]:
     """The rows as the API returns them, and their ids as the database keeps them."""
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
+    rows = sql.execute(sql.db(), statement, params).fetchall()
     ids = [row[0] for row in rows]
     answers = []
     for row in rows:
@@ -152,4 +149,4 @@ def _json(value):
 
 
 def _db_id(recording_id: uuid.UUID):
-    return Recording._meta.pk.get_db_prep_value(recording_id, connection)
+    return Recording._meta.pk.get_db_prep_value(recording_id, sql.db())

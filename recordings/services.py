@@ -7,6 +7,7 @@ import orjson
 from django.db import connection, transaction
 from django.utils import timezone
 
+from clinical import sql
 from clinical.audit import Action, audit_reads, audit_record
 from clinical.changes import next_change_seq
 from recordings.models import INITIAL_STATUSES, TRANSITIONS, Recording
@@ -120,10 +121,9 @@ def insert_recordings(recordings: list[Recording]) -> None:
     What Model.save() and bulk_create() do, without compiling the statement
     again for every row (bulk_create compiles one for each 58 rows on SQLite).
     """
-    fields = Recording._meta.concrete_fields
-    rows = [[field.get_db_prep_save(getattr(row, field.attname), connection) for field in fields] for row in recordings]
-    with connection.cursor() as cursor:
-        cursor.executemany(_insert_sql(), rows)
+    db, fields = sql.db(), Recording._meta.concrete_fields
+    rows = [[field.get_db_prep_save(getattr(row, field.attname), db) for field in fields] for row in recordings]
+    sql.executemany(db, _insert_sql(), rows)
 
 
 @cache

