@@ -16,7 +16,7 @@ from clinical.health import database_state
 from clinical.idempotency import IdempotencyError
 from clinical.requests import client_ip
 from clinical.responses import to_json
-from clinical.tokens import BearerAuth, LoginRefused, alogin, token_revoke
+from clinical.tokens import BearerAuth, LoginRefused, alogin, as_user, token_revoke, unauthorized
 from recordings.api import router as recordings_router
 from recordings.api import sync_router
 from recordings.models import Recording
@@ -26,7 +26,6 @@ from recordings.services import RecordingConflict
 logger = logging.getLogger(__name__)
 
 NOT_FOUND = "Not found."
-UNAUTHORIZED = "Missing, unknown, expired or revoked token."
 MALFORMED_JSON = "The request body is not valid JSON"
 DATABASE_UNAVAILABLE = "The database is unavailable right now; retry later."
 TOO_MANY_FAILURES = "Too many failed logins: wait for the time in Retry-After, then try again."
@@ -95,8 +94,12 @@ async def issue_token(request, credentials: Credentials):
 @api.delete("/auth/token", response={204: None}, tags=["auth"])
 async def revoke_token(request):
     """Revoke the token this request presents."""
-    await on_db_thread(token_revoke, token_id=request.auth.token_id, actor=request.auth, ip=client_ip(request))
+    await as_user(request, _revoke_own, ip=client_ip(request))
     return Status(204, None)
+
+
+def _revoke_own(user, *, ip: str | None) -> None:
+    token_revoke(token_id=user.token_id, actor=user, ip=ip)
 
 
 def _error(request, status: int, detail, extra: dict | None = None):
@@ -107,8 +110,8 @@ def _error(request, status: int, detail, extra: dict | None = None):
 
 
 @api.exception_handler(AuthenticationError)
-def unauthorized(request, exc):
-    return _error(request, 401, UNAUTHORIZED)
+def token_refused(request, exc):
+    return unauthorized()
 
 
 @api.exception_handler(ValidationError)

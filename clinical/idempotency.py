@@ -17,10 +17,10 @@ from django.http import HttpResponse
 from django.utils import timezone
 
 from clinical.audit import audit_reads
-from clinical.connections import on_db_thread
 from clinical.models import IdempotencyKey
 from clinical.requests import client_ip
 from clinical.responses import to_json
+from clinical.tokens import as_user
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
@@ -33,22 +33,20 @@ class IdempotencyError(Exception):
     """The key cannot be used for this request (422)."""
 
 
-# Work: runs in the database thread, returns (status code, the answer's data or None).
-Work = Callable[[], tuple[int, object]]
+# Work: runs on the database thread, given the request's user; returns (status code, the answer's data or None).
+Work = Callable[[object], tuple[int, object]]
 
 
 async def aidempotent(request, work: Work):
     """Run `work` once per Idempotency-Key of this user; without the header, just run it."""
     key = request.headers.get(HEADER)
     if key is None:
-        status, body = await on_db_thread(_run, work)
+        status, body = await as_user(request, _run, work)
         replayed = False
     else:
         if not 1 <= len(key) <= MAX_KEY_LENGTH:
             raise IdempotencyError(KEY_INVALID)
-        status, body, replayed = await on_db_thread(
-            _run_once, request.auth, key, fingerprint(request), work, client_ip(request)
-        )
+        status, body, replayed = await as_user(request, _run_once, key, fingerprint(request), work, client_ip(request))
     response = HttpResponse(body, status=status, content_type="application/json")
     if replayed:
         response[REPLAYED] = "true"
@@ -65,8 +63,8 @@ def fingerprint(request) -> str:
     return digest.hexdigest()
 
 
-def _run(work: Work) -> tuple[int, bytes]:
-    status, data = work()
+def _run(user, work: Work) -> tuple[int, bytes]:
+    status, data = work(user)
     return status, b"" if data is None else to_json(data)
 
 
@@ -80,7 +78,7 @@ def _run_once(user, key: str, fingerprint: str, work: Work, ip) -> tuple[int, by
             if body:  # a recording delivered again is read again
                 audit_reads(actor=user, recording_ids=[uuid.UUID(orjson.loads(body)["id"])], ip=ip)
             return stored.status_code, body, True
-        status, body = _run(work)
+        status, body = _run(user, work)
         IdempotencyKey.objects.create(
             user=user, key=key, fingerprint=fingerprint, status_code=status, body=body, created_at=timezone.now()
         )

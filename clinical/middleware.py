@@ -15,6 +15,8 @@ from django.http import JsonResponse
 from django.middleware import clickjacking, common, csrf, security
 from django.utils.decorators import async_only_middleware
 
+from clinical.tokens import answer_unchecked
+
 API_PREFIX = "/api/"
 
 
@@ -79,6 +81,7 @@ def api_responses(get_response):
         response = await get_response(request)
         if not is_api(request):
             return response
+        response = await answer_unchecked(request, response)
         response["Cache-Control"] = "no-store"
         if response.status_code >= 400 and not response.get("Content-Type", "").startswith("application/json"):
             response = _as_json(response)

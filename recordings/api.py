@@ -7,6 +7,7 @@ from ninja import Query, Router
 from clinical.idempotency import aidempotent
 from clinical.requests import client_ip
 from clinical.responses import json_response
+from clinical.tokens import as_user
 from recordings.schemas import (
     ChangesOut,
     ChangesQuery,
@@ -17,7 +18,7 @@ from recordings.schemas import (
     RecordingPatch,
     recording_data,
 )
-from recordings.selectors import achanges_since, arecording_get, arecording_list
+from recordings.selectors import changes_since, recording_get, recording_list
 from recordings.services import recording_create, recording_delete, recording_update
 
 router = Router(tags=["recordings"])
@@ -28,8 +29,8 @@ sync_router = Router(tags=["sync"])
 async def create_recording(request, data: RecordingIn):
     """Create a recording; with the `id` of one you already created, returns it (200)."""
 
-    def work():
-        recording, created = recording_create(owner=request.auth, ip=client_ip(request), **data.model_dump())
+    def work(user):
+        recording, created = recording_create(owner=user, ip=client_ip(request), **data.model_dump())
         return (201 if created else 200), recording_data(recording)
 
     return await aidempotent(request, work)
@@ -38,21 +39,21 @@ async def create_recording(request, data: RecordingIn):
 @router.get("", response=RecordingList)
 async def list_recordings(request, filters: Query[RecordingFilters]):
     """Your recordings, newest first, with how many match the filters in all."""
-    return json_response(await arecording_list(owner=request.auth, ip=client_ip(request), **filters.model_dump()))
+    return json_response(await as_user(request, recording_list, ip=client_ip(request), **filters.model_dump()))
 
 
 @router.get("/{recording_id}", response=RecordingOut)
 async def get_recording(request, recording_id: UUID):
-    return json_response(await arecording_get(owner=request.auth, recording_id=recording_id, ip=client_ip(request)))
+    return json_response(await as_user(request, recording_get, recording_id=recording_id, ip=client_ip(request)))
 
 
 @router.patch("/{recording_id}", response=RecordingOut)
 async def update_recording(request, recording_id: UUID, data: RecordingPatch):
     """Change the given fields; `version` must be the version you last saw."""
 
-    def work():
+    def work(user):
         changes = data.model_dump(exclude_unset=True)
-        recording = recording_update(owner=request.auth, recording_id=recording_id, ip=client_ip(request), **changes)
+        recording = recording_update(owner=user, recording_id=recording_id, ip=client_ip(request), **changes)
         return 200, recording_data(recording)
 
     return await aidempotent(request, work)
@@ -62,8 +63,8 @@ async def update_recording(request, recording_id: UUID, data: RecordingPatch):
 async def delete_recording(request, recording_id: UUID):
     """Delete a recording; a tombstone stays for the sync feed."""
 
-    def work():
-        recording_delete(owner=request.auth, recording_id=recording_id, ip=client_ip(request))
+    def work(user):
+        recording_delete(owner=user, recording_id=recording_id, ip=client_ip(request))
         return 204, None
 
     return await aidempotent(request, work)
@@ -76,4 +77,4 @@ async def list_changes(request, query: Query[ChangesQuery]):
     Store `cursor` and ask again from it until `has_more` is false: every change
     is seen, once, at its latest state; deleted recordings come as tombstones.
     """
-    return json_response(await achanges_since(owner=request.auth, ip=client_ip(request), **query.model_dump()))
+    return json_response(await as_user(request, changes_since, ip=client_ip(request), **query.model_dump()))

@@ -1,10 +1,10 @@
-"""Reads of recordings, async; a clinician only ever sees their own.
+"""Reads of recordings, run on the database thread; a clinician only ever sees their own.
 
 The hot reads are SQL written out once, returning rows as dicts shaped like
 RecordingOut, which the API renders with orjson as they are: building a
 queryset, a model instance per row and a pydantic model per answer costs
-several times more than SQLite takes to answer. Each selector is one hop to
-the database thread.
+several times more than SQLite takes to answer. The API calls each one in the
+request's single hop to the database thread (clinical.tokens.as_user).
 """
 
 import uuid
@@ -16,7 +16,6 @@ from django.db import transaction
 
 from clinical import sql
 from clinical.audit import audit_reads
-from clinical.connections import on_db_thread
 from recordings.models import Recording
 from recordings.schemas import OUT_FIELDS
 
@@ -30,14 +29,14 @@ NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
 TOMBSTONE_KEYS = ("id", "owner", "version", "change_seq", "updated_at", "deleted_at")
 
 
-async def arecording_get(*, owner, recording_id: uuid.UUID, ip: str | None = None) -> dict:
+def recording_get(owner, *, recording_id: uuid.UUID, ip: str | None = None) -> dict:
     """The owner's live recording, its read audited; Recording.DoesNotExist for anyone else's."""
-    return await on_db_thread(_recording_get, owner, ip, recording_id)
+    return _recording_get(owner, ip, recording_id)
 
 
-async def arecording_list(
-    *,
+def recording_list(
     owner,
+    *,
     status: str | None = None,
     patient_ref: str | None = None,
     limit: int = 50,
@@ -46,16 +45,16 @@ async def arecording_list(
 ) -> dict:
     """{"items", "count"}: a page of the owner's recordings, newest first, and how many match; each read audited."""
     filters = {"status": status, "patient_ref": patient_ref}
-    return await on_db_thread(_recording_list, owner, ip, filters, limit, offset)
+    return _recording_list(owner, ip, filters, limit, offset)
 
 
-async def achanges_since(*, owner, since: int, limit: int, ip: str | None = None) -> dict:
+def changes_since(owner, *, since: int, limit: int, ip: str | None = None) -> dict:
     """{"changes", "cursor", "has_more"}: the owner's recordings changed after cursor `since`, oldest change first.
 
     A row holds only its latest change, so each recording appears once, at its
     latest state; deleted ones come as tombstones.
     """
-    return await on_db_thread(_changes_since, owner, ip, since, limit)
+    return _changes_since(owner, ip, since, limit)
 
 
 def _audited(read):

@@ -4,8 +4,9 @@ import uuid
 
 import pytest
 
-from clinical.api import NOT_FOUND, UNAUTHORIZED
+from clinical.api import NOT_FOUND
 from clinical.models import AuditEvent, ChangeSequence, IdempotencyKey, Token
+from clinical.tokens import UNAUTHORIZED
 from recordings.models import Recording
 
 pytestmark = pytest.mark.django_db(transaction=True)

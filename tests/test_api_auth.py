@@ -10,8 +10,9 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
 
-from clinical.api import BAD_CREDENTIALS, UNAUTHORIZED
-from clinical.models import ChangeSequence, Token
+from clinical.api import BAD_CREDENTIALS
+from clinical.models import AuditEvent, ChangeSequence, Token
+from clinical.tokens import UNAUTHORIZED
 from recordings.models import Recording
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -34,6 +35,7 @@ async def snapshot() -> dict:
         "tokens": [row async for row in Token.objects.order_by("pk").values()],
         "sequence": [row async for row in ChangeSequence.objects.values()],
         "users": [row async for row in get_user_model().objects.order_by("pk").values()],
+        "audit": [row async for row in AuditEvent.objects.order_by("pk").values()],
     }
 
 
@@ -244,6 +246,51 @@ async def test_a_bad_token_is_refused_by_every_protected_endpoint(api, alice, ma
 
     assert_all_unauthorized(answers)
     assert await snapshot() == before
+
+
+async def call_every_protected_endpoint_with_bad_input(api, recording_id, headers: dict) -> dict:
+    path = f"/recordings/{recording_id}"
+    long_key = {**headers, "Idempotency-Key": "k" * 256}
+    return {
+        "list": await api.get("/recordings?limit=0", headers=headers),
+        "changes": await api.get("/sync/changes?since=-1", headers=headers),
+        "create": await api.post("/recordings", {"patient_ref": " "}, headers=headers),
+        "create-not-json": await api.request("POST", "/recordings", content=b"{not json", headers=headers),
+        "create-bad-key": await api.post("/recordings", {"patient_ref": "PAT-NEW"}, headers=long_key),
+        "get": await api.get("/recordings/not-a-uuid", headers=headers),
+        "patch": await api.patch(path, {"version": "one"}, headers=headers),
+        "delete-bad-key": await api.delete(path, headers=long_key),
+    }
+
+
+@pytest.mark.parametrize("kind", ["missing", "wrong", "expired", "revoked", "inactive-user"])
+async def test_a_bad_token_is_refused_before_the_input_is_judged(api, alice, make_recording, kind):
+    recording = await make_recording(owner=alice)
+    headers = await bad_token_headers(api, kind, alice)
+    before = await snapshot()
+
+    answers = await call_every_protected_endpoint_with_bad_input(api, recording.id, headers)
+
+    assert_all_unauthorized(answers)
+    assert await snapshot() == before
+
+
+async def test_with_a_good_token_the_same_input_is_refused_as_bad_input(api, alice, make_recording):
+    recording = await make_recording(owner=alice)
+    headers = {"Authorization": f"Bearer {await api.token_for(alice)}"}
+
+    answers = await call_every_protected_endpoint_with_bad_input(api, recording.id, headers)
+
+    assert {name: response.status_code for name, response in answers.items()} == {
+        "list": 422,
+        "changes": 422,
+        "create": 422,
+        "create-not-json": 400,
+        "create-bad-key": 422,
+        "get": 422,
+        "patch": 422,
+        "delete-bad-key": 422,
+    }
 
 
 async def test_a_good_token_passes_every_protected_endpoint(api, alice, make_recording):
