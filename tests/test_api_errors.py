@@ -591,3 +591,24 @@ async def test_random_requests_never_cause_a_5xx(api, alice, make_recording):
             failures.append((response.request.method, str(response.request.url), response.status_code, response.text))
 
     assert failures == [], f"FUZZ_SEED={seed}: {failures[:5]}"
+
+
+async def test_a_client_that_goes_away_mid_request_still_gets_its_work_done(api, alice):
+    # The client sends its body and is gone at once (receive answers http.disconnect
+    # from then on). The work cannot be cancelled once on the database thread; the
+    # request runs to its end, so the PWA's retry finds the recording.
+    recording_id = uuid.uuid4()
+    token = await api.token_for(alice)
+    body = orjson.dumps({"id": str(recording_id), "patient_ref": "PAT-GONE"})
+    headers = [
+        (b"authorization", f"Bearer {token}".encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+
+    status, _, _ = await asgi_call("/api/recordings", [body], headers)
+
+    assert status == 201
+    assert await Recording.objects.filter(pk=recording_id, patient_ref="PAT-GONE").aexists()
+    retried = await api.post("/recordings", {"id": str(recording_id), "patient_ref": "PAT-GONE"}, user=alice)
+    assert retried.status_code == 200
