@@ -2,7 +2,7 @@
 
 import hashlib
 import secrets
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -24,16 +24,20 @@ from clinical.throttle import FAILED, THROTTLED, login_retry_after
 MAX_TOKEN_LENGTH = 256
 UNAUTHORIZED = "Missing, unknown, expired or revoked token."
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+User = get_user_model()
 # What the API needs of its user; anything else is loaded on first use.
 # In model order: from_db() maps values to the model's fields in that order.
 USER_FIELDS = [
     field.attname
-    for field in get_user_model()._meta.concrete_fields
+    for field in User._meta.concrete_fields
     if field.attname in {"id", "username", "is_active", "is_staff", "is_superuser"}
 ]
+# The last column says whether last_used_at is older than the second parameter:
+# compared in SQL, so no datetime is parsed on every request.
 TOKEN_USER_SQL = (
-    f"SELECT {', '.join('u.' + name for name in USER_FIELDS)}, t.id, t.last_used_at "  # noqa: S608 (names only)
-    f"FROM {Token._meta.db_table} t JOIN {get_user_model()._meta.db_table} u ON u.id = t.user_id "
+    f"SELECT {', '.join('u.' + name for name in USER_FIELDS)}, t.id, "  # noqa: S608 (names only)
+    "(t.last_used_at IS NULL OR t.last_used_at < %s) "
+    f"FROM {Token._meta.db_table} t JOIN {User._meta.db_table} u ON u.id = t.user_id "
     "WHERE t.key_hash = %s AND t.revoked_at IS NULL AND t.expires_at > %s AND u.is_active = %s"
 )
 LAST_USED_SQL = f"UPDATE {Token._meta.db_table} SET last_used_at = %s WHERE id = %s"  # noqa: S608
@@ -154,21 +158,17 @@ def unauthorized() -> HttpResponse:
 def _token_user(key_hash: str):
     # Every request runs this: SQL written out once, not a queryset compiled each time.
     db, now = sql.db(), timezone.now()
-    stamp = db.ops.adapt_datetimefield_value(now)
-    row = sql.execute(db, TOKEN_USER_SQL, [key_hash, stamp, True]).fetchone()
+    stamp, stale = (db.ops.adapt_datetimefield_value(moment) for moment in (now, now - LAST_USED_RESOLUTION))
+    row = sql.execute(db, TOKEN_USER_SQL, [stale, key_hash, stamp, True]).fetchone()
     if row is None:
         return None
-    *user_values, token_id, last_used = row
-    if last_used is None or _aware(last_used) < now - LAST_USED_RESOLUTION:
+    *user_values, token_id, last_used_stale = row
+    if last_used_stale:
         # At most once a minute a token: a write on every request would queue behind writers.
         sql.execute(db, LAST_USED_SQL, [stamp, token_id])
-    user = get_user_model().from_db(db.alias, USER_FIELDS, user_values)
+    user = User.from_db(db.alias, USER_FIELDS, user_values)
     user.token_id = token_id
     return user
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 async def auser_authenticate(*, username: str, password: str):
@@ -177,7 +177,7 @@ async def auser_authenticate(*, username: str, password: str):
     The password hash (about half a second of CPU by design) is checked off the
     database thread, so a login never holds up other requests.
     """
-    user = await get_user_model().objects.filter(username=username).afirst()
+    user = await User.objects.filter(username=username).afirst()
     encoded = user.password if user is not None else None
     valid = await sync_to_async(_check_password, thread_sensitive=False)(password, encoded)
     if valid and user.is_active:

@@ -414,3 +414,21 @@ async def test_unknown_recording_still_needs_a_token(api):
     response = await api.get(f"/recordings/{uuid.uuid4()}")
 
     assert response.status_code == 401
+
+
+async def test_last_used_is_stamped_at_most_once_a_minute(api, alice):
+    raw = await api.token_for(alice)
+    assert (await token_row(raw)).last_used_at is None
+
+    await api.get("/recordings", token=raw)
+    first = (await token_row(raw)).last_used_at
+    await api.get("/recordings", token=raw)
+    second = (await token_row(raw)).last_used_at
+    two_minutes_ago = datetime.now(UTC) - timedelta(minutes=2)
+    await Token.objects.filter(key_hash=sha256(raw)).aupdate(last_used_at=two_minutes_ago)
+    await api.get("/recordings", token=raw)
+    third = (await token_row(raw)).last_used_at
+
+    assert first is not None and first > two_minutes_ago
+    assert second == first
+    assert third > two_minutes_ago + timedelta(minutes=1)
