@@ -1,6 +1,8 @@
 """The recordings API: create, list, get, patch and delete, through the whole ASGI stack."""
 
 import asyncio
+import sys
+import unicodedata
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -9,7 +11,7 @@ from asgiref.sync import sync_to_async
 
 from clinical.models import ChangeSequence
 from recordings.models import Recording
-from recordings.schemas import NOT_NULL, PATIENT_REF_CONTROL, PATIENT_REF_LENGTH
+from recordings.schemas import CONTROL_CHARACTER, NOT_NULL, PATIENT_REF_CONTROL, PATIENT_REF_LENGTH
 from recordings.services import ID_DELETED, ID_TAKEN, STALE_VERSION, recording_create, transition_refused
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -272,6 +274,12 @@ async def test_patient_ref_refuses_control_characters(api, alice):
     assert [response.status_code for response in answers] == [422] * len(refused)
     assert all(PATIENT_REF_CONTROL in error_messages(response) for response in answers)
     assert await Recording.objects.acount() == 0
+
+
+def test_the_control_character_pattern_is_exactly_unicodes_cc_category():
+    matched = {code for code in range(sys.maxunicode + 1) if CONTROL_CHARACTER.match(chr(code))}
+
+    assert matched == {code for code in range(sys.maxunicode + 1) if unicodedata.category(chr(code)) == "Cc"}
 
 
 async def test_patient_ref_is_a_required_string(api, alice):
