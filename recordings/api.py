@@ -30,7 +30,8 @@ async def create_recording(request, data: RecordingIn):
     """Create a recording; with the `id` of one you already created, returns it (200)."""
 
     def work(user):
-        recording, created = recording_create(owner=user, ip=client_ip(request), **data.model_dump())
+        fields = data.model_dump()
+        recording, created = recording_create(owner=user, ip=client_ip(request), validated=True, **fields)
         return (201 if created else 200), recording_data(recording)
 
     return await aidempotent(request, work)
@@ -53,7 +54,9 @@ async def update_recording(request, recording_id: UUID, data: RecordingPatch):
 
     def work(user):
         changes = data.model_dump(exclude_unset=True)
-        recording = recording_update(owner=user, recording_id=recording_id, ip=client_ip(request), **changes)
+        recording = recording_update(
+            owner=user, recording_id=recording_id, ip=client_ip(request), validated=True, **changes
+        )
         return 200, recording_data(recording)
 
     return await aidempotent(request, work)

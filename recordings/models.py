@@ -36,7 +36,7 @@ class Recording(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="recordings")
     patient_ref = models.CharField(max_length=64)
     title = models.CharField(max_length=200, blank=True, default="")
-    note_type = models.CharField(max_length=50, default="general")
+    note_type = models.CharField(max_length=50, blank=True, default="general")
     status = models.CharField(max_length=20, choices=Status, default=Status.PENDING)
     audio_path = models.CharField(max_length=500, blank=True, default="")
     duration_seconds = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0)])

@@ -21,6 +21,7 @@ CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 PATIENT_REF_CONTROL = "patient_ref must not contain control characters"
 PATIENT_REF_LENGTH = "patient_ref must be 1 to 64 characters after trimming white space"
 RESULTS_TOO_LARGE = f"verification_results must serialize to at most {MAX_RESULTS_BYTES // 1024} KiB"
+RESULTS_NOT_JSON = "verification_results must be JSON with integers of at most 64 bits"
 RESULTS_TOO_DEEP = f"verification_results must not nest deeper than {MAX_RESULTS_DEPTH} levels"
 NOT_NULL = "may be omitted, but not null"
 BAD_DATETIME = "is not a datetime that can be stored in UTC"
@@ -43,7 +44,11 @@ def clean_patient_ref(value: Any) -> Any:
 def check_results(value: Any) -> Any:
     if _depth(value) > MAX_RESULTS_DEPTH:
         raise ValueError(RESULTS_TOO_DEEP)
-    if len(orjson.dumps(value)) > MAX_RESULTS_BYTES:
+    try:
+        size = len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        raise ValueError(RESULTS_NOT_JSON) from None  # an integer past 64 bits, say: JSON parsed by orjson has none
+    if size > MAX_RESULTS_BYTES:
         raise ValueError(RESULTS_TOO_LARGE)
     return value
 

@@ -978,3 +978,15 @@ async def test_refused_writes_take_no_change_number(api, alice, bob, make_record
 
     assert await sequence_value() == before
     assert (await stored(recording.id)).change_seq == before
+
+
+async def test_an_empty_note_type_is_kept_as_given(api, alice):
+    # The contract sets only a maximum; an empty note type once answered 500.
+    created = await api.post("/recordings", {"patient_ref": "PAT-1", "note_type": ""}, user=alice)
+    patched = await api.patch(f"/recordings/{created.json()['id']}", {"version": 1, "note_type": ""}, user=alice)
+    other = await api.post("/recordings", {"patient_ref": "PAT-2"}, user=alice)
+    emptied = await api.patch(f"/recordings/{other.json()['id']}", {"version": 1, "note_type": ""}, user=alice)
+
+    assert (created.status_code, created.json()["note_type"]) == (201, "")
+    assert (patched.status_code, patched.json()["version"]) == (200, 1)
+    assert (emptied.status_code, emptied.json()["note_type"], emptied.json()["version"]) == (200, "", 2)
