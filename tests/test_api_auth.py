@@ -4,6 +4,7 @@ import hashlib
 import os
 import uuid
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -12,7 +13,8 @@ from django.contrib.auth import get_user_model
 
 from clinical.api import BAD_CREDENTIALS
 from clinical.models import AuditEvent, ChangeSequence, Token
-from clinical.tokens import UNAUTHORIZED
+from clinical.responses import json_response
+from clinical.tokens import UNAUTHORIZED, UncheckedToken, answer_unchecked
 from recordings.models import Recording
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -432,3 +434,20 @@ async def test_last_used_is_stamped_at_most_once_a_minute(api, alice):
     assert first is not None and first > two_minutes_ago
     assert second == first
     assert third > two_minutes_ago + timedelta(minutes=1)
+
+
+async def test_an_answer_given_before_the_token_was_checked_gets_it_checked(api, alice):
+    good = UncheckedToken(await api.token_for(alice))
+    refused = json_response({"detail": "bad input"}, status=422)
+
+    assert await answer_unchecked(SimpleNamespace(auth=good), refused) is refused
+    assert (await answer_unchecked(SimpleNamespace(auth=UncheckedToken("x" * 43)), refused)).status_code == 401
+
+
+async def test_a_server_error_stands_and_a_success_without_a_check_is_refused(alice):
+    unavailable = json_response({"detail": "down"}, status=503)
+    success = json_response({}, status=200)
+
+    assert await answer_unchecked(SimpleNamespace(auth=UncheckedToken("x" * 43)), unavailable) is unavailable
+    with pytest.raises(RuntimeError, match="as_user"):
+        await answer_unchecked(SimpleNamespace(auth=UncheckedToken("x" * 43)), success)
