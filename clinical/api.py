@@ -15,7 +15,7 @@ from clinical.connections import on_db_thread
 from clinical.health import database_state
 from clinical.idempotency import IdempotencyError
 from clinical.requests import client_ip
-from clinical.responses import to_json
+from clinical.responses import database_unavailable, to_json
 from clinical.tokens import BearerAuth, LoginRefused, alogin, as_user, token_revoke, unauthorized
 from recordings.api import router as recordings_router
 from recordings.api import sync_router
@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 NOT_FOUND = "Not found."
 MALFORMED_JSON = "The request body is not valid JSON"
-DATABASE_UNAVAILABLE = "The database is unavailable right now; retry later."
 TOO_MANY_FAILURES = "Too many failed logins: wait for the time in Retry-After, then try again."
 BAD_CREDENTIALS = "Wrong username or password, or the account is inactive."
 
@@ -122,15 +121,13 @@ def invalid(request, exc):
 
 
 @api.exception_handler(DatabaseError)
-def database_unavailable(request, exc):
+def database_error(request, exc):
     # Locked past the busy timeout, disk full, file gone or not a database: the
     # client should retry later. Errors in what we asked of it stay 500s.
     if isinstance(exc, (IntegrityError, DataError, ProgrammingError, NotSupportedError)):
         raise exc
     logger.exception("database unavailable")
-    response = _error(request, 503, DATABASE_UNAVAILABLE)
-    response["Retry-After"] = "5"
-    return response
+    return database_unavailable()
 
 
 @api.exception_handler(HttpError)

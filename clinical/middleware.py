@@ -81,11 +81,24 @@ def api_responses(get_response):
         response = await get_response(request)
         if not is_api(request):
             return response
-        response = await answer_unchecked(request, response)
         response["Cache-Control"] = "no-store"
         if response.status_code >= 400 and not response.get("Content-Type", "").startswith("application/json"):
             response = _as_json(response)
         return response
+
+    return middleware
+
+
+@async_only_middleware
+def api_tokens_checked(get_response):
+    """A bad token answers 401 even where the input was refused before its check (clinical.tokens).
+
+    The innermost middleware, so that the 401 it may put in place passes out
+    through the others and gets their security headers.
+    """
+
+    async def middleware(request):
+        return await answer_unchecked(request, await get_response(request))
 
     return middleware
 

@@ -11,6 +11,16 @@ def to_json(data) -> bytes:
     return orjson.dumps(data, option=JSON_OPTIONS)
 
 
+DATABASE_UNAVAILABLE = "The database is unavailable right now; retry later."
+
+
+def database_unavailable() -> HttpResponse:
+    # Locked past the busy timeout, disk full, file gone: the PWA keeps the request and retries.
+    response = json_response({"detail": DATABASE_UNAVAILABLE}, status=503)
+    response["Retry-After"] = "5"
+    return response
+
+
 def json_response(data, status: int = 200) -> HttpResponse:
     """An answer that django-ninja passes through as it is.
 

@@ -62,6 +62,7 @@ MIDDLEWARE = [
     "clinical.middleware.AuthenticationMiddleware",
     "clinical.middleware.MessageMiddleware",
     "clinical.middleware.XFrameOptionsMiddleware",
+    "clinical.middleware.api_tokens_checked",
 ]
 
 # Django's deploy checks look for its own middleware paths; ours are subclasses

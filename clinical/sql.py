@@ -7,7 +7,8 @@ measured here, a token lookup took 84 µs through `connection.cursor()` and
 DatabaseWrapper once, write each statement's placeholders in the driver's
 style once, and still turn driver errors into Django's (DatabaseError and its
 kin, which the API answers as 503) and mark the connection for the check that
-drops broken ones. Unlike Django's cursor, they do not log queries under DEBUG.
+drops broken ones. Unlike Django's cursor, they are not seen by DEBUG's query
+log, execute_wrapper() or tests that count queries.
 """
 
 from functools import cache

@@ -1,6 +1,7 @@
 """Bearer tokens: issue, check and revoke; only a hash of each secret is kept."""
 
 import hashlib
+import logging
 import secrets
 from datetime import timedelta
 
@@ -18,9 +19,10 @@ from clinical import sql
 from clinical.audit import Action, audit_record
 from clinical.connections import on_db_thread
 from clinical.models import Token
-from clinical.responses import json_response
+from clinical.responses import database_unavailable, json_response
 from clinical.throttle import FAILED, THROTTLED, login_retry_after
 
+logger = logging.getLogger(__name__)
 MAX_TOKEN_LENGTH = 256
 UNAUTHORIZED = "Missing, unknown, expired or revoked token."
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -134,8 +136,8 @@ async def answer_unchecked(request, response):
     """The answer, or 401 when it was reached before the request's token was checked and the token is not valid.
 
     Input refused before any work (422, 400) is answered without a hop; the
-    token is checked then, so that a bad token always answers 401 first. A 5xx
-    stands: the check may be what failed.
+    token is checked then, so that a bad token always answers 401 first; if the
+    check cannot be made, 503 as for any request then. A 5xx stands.
     """
     if isinstance(getattr(request, "auth", None), UncheckedToken) and response.status_code < 500:
         if response.status_code < 400:
@@ -143,7 +145,8 @@ async def answer_unchecked(request, response):
         try:
             user = await on_db_thread(checked_user, request)
         except DatabaseError:
-            return response  # the database is unusable: the input's error is still true
+            logger.exception("database unavailable")
+            return database_unavailable()
         if user is None:
             return unauthorized()
     return response

@@ -1,8 +1,11 @@
 """A clinician's recording: its metadata, transcript and sync bookkeeping."""
 
+import math
 import uuid
 
+import orjson
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxLengthValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
@@ -29,6 +32,45 @@ INITIAL_STATUSES = (Status.PENDING, Status.UPLOADED)
 QUEUE_STATUSES = (Status.PENDING, Status.UPLOADED, Status.TRANSCRIBING)
 
 MAX_TRANSCRIPT = 500_000
+MAX_RESULTS_BYTES = 256 * 1024
+MAX_RESULTS_DEPTH = 32
+RESULTS_TOO_LARGE = f"verification_results must serialize to at most {MAX_RESULTS_BYTES // 1024} KiB"
+RESULTS_NOT_JSON = "verification_results must be JSON: finite numbers, integers of at most 64 bits"
+RESULTS_TOO_DEEP = f"verification_results must not nest deeper than {MAX_RESULTS_DEPTH} levels"
+
+
+def results_problem(value) -> str | None:
+    """Why a verification_results value could not be stored and served back as JSON, or None.
+
+    The API's schema and the model (the admin, the services) both ask: JSON
+    the API cannot write back out (nested too deep, too large, NaN, an integer
+    past 64 bits) must not get in by any door.
+    """
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        if depth > MAX_RESULTS_DEPTH:
+            return RESULTS_TOO_DEEP
+        children = []
+        for item in level:
+            if isinstance(item, dict):
+                children.extend(item.values())
+            elif isinstance(item, list):
+                children.extend(item)
+        if any(isinstance(item, float) and not math.isfinite(item) for item in children):
+            return RESULTS_NOT_JSON
+        level = [item for item in children if isinstance(item, (dict, list))]
+    try:
+        size = len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        return RESULTS_NOT_JSON
+    return RESULTS_TOO_LARGE if size > MAX_RESULTS_BYTES else None
+
+
+def validate_results(value) -> None:
+    problem = results_problem(value)
+    if problem:
+        raise ValidationError(problem)
 
 
 class Recording(models.Model):
@@ -41,7 +83,7 @@ class Recording(models.Model):
     audio_path = models.CharField(max_length=500, blank=True, default="")
     duration_seconds = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0)])
     transcript = models.TextField(blank=True, default="", validators=[MaxLengthValidator(MAX_TRANSCRIPT)])
-    verification_results = models.JSONField(default=dict, blank=True)
+    verification_results = models.JSONField(default=dict, blank=True, validators=[validate_results])
     error = models.TextField(blank=True, default="")
     recorded_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)

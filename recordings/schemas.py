@@ -5,14 +5,11 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
 
-import orjson
 from ninja import Field, Schema
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from recordings.models import MAX_TRANSCRIPT
+from recordings.models import MAX_TRANSCRIPT, results_problem
 
-MAX_RESULTS_BYTES = 256 * 1024
-MAX_RESULTS_DEPTH = 32
 MAX_OFFSET = 1_000_000_000
 MAX_CURSOR = 2**63 - 1
 
@@ -20,9 +17,6 @@ MAX_CURSOR = 2**63 - 1
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 PATIENT_REF_CONTROL = "patient_ref must not contain control characters"
 PATIENT_REF_LENGTH = "patient_ref must be 1 to 64 characters after trimming white space"
-RESULTS_TOO_LARGE = f"verification_results must serialize to at most {MAX_RESULTS_BYTES // 1024} KiB"
-RESULTS_NOT_JSON = "verification_results must be JSON with integers of at most 64 bits"
-RESULTS_TOO_DEEP = f"verification_results must not nest deeper than {MAX_RESULTS_DEPTH} levels"
 NOT_NULL = "may be omitted, but not null"
 BAD_DATETIME = "is not a datetime that can be stored in UTC"
 
@@ -42,31 +36,10 @@ def clean_patient_ref(value: Any) -> Any:
 
 
 def check_results(value: Any) -> Any:
-    if _depth(value) > MAX_RESULTS_DEPTH:
-        raise ValueError(RESULTS_TOO_DEEP)
-    try:
-        size = len(orjson.dumps(value))
-    except orjson.JSONEncodeError:
-        raise ValueError(RESULTS_NOT_JSON) from None  # an integer past 64 bits, say: JSON parsed by orjson has none
-    if size > MAX_RESULTS_BYTES:
-        raise ValueError(RESULTS_TOO_LARGE)
+    problem = results_problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
-
-
-def _depth(value: Any) -> int:
-    depth, level = 0, [value]
-    while level:
-        depth += 1
-        if depth > MAX_RESULTS_DEPTH:
-            return depth
-        children = []
-        for item in level:
-            if isinstance(item, dict):
-                children.extend(item.values())
-            elif isinstance(item, list):
-                children.extend(item)
-        level = [item for item in children if isinstance(item, (dict, list))]
-    return depth
 
 
 def as_utc(value: datetime | None) -> datetime | None:

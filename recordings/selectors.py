@@ -143,7 +143,8 @@ def _api_id(value):
 
 
 def _json(value):
-    # SQLite hands back the JSON text, which goes out as it is; PostgreSQL's driver decodes it already.
+    # The stored JSON text goes out as it is (Django reads JSON columns as text on
+    # SQLite and PostgreSQL alike); a driver that decodes JSON hands back objects.
     return orjson.Fragment(value) if isinstance(value, (str, bytes)) else value
 
 

@@ -277,6 +277,19 @@ async def test_a_bad_token_is_refused_before_the_input_is_judged(api, alice, mak
     assert await snapshot() == before
 
 
+async def test_a_401_for_bad_input_carries_the_same_headers_as_any_401(api, alice):
+    headers = {"Authorization": "Bearer " + "x" * 43}
+
+    plain = await api.get("/recordings", headers=headers)
+    late = await api.get("/recordings?limit=0", headers=headers)
+
+    assert plain.status_code == late.status_code == 401
+    assert plain.json() == late.json()
+    names = {"x-content-type-options", "x-frame-options", "referrer-policy", "cache-control", "www-authenticate"}
+    assert {name: late.headers.get(name) for name in names} == {name: plain.headers.get(name) for name in names}
+    assert None not in {late.headers.get(name) for name in names}
+
+
 async def test_with_a_good_token_the_same_input_is_refused_as_bad_input(api, alice, make_recording):
     recording = await make_recording(owner=alice)
     headers = {"Authorization": f"Bearer {await api.token_for(alice)}"}

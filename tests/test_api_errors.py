@@ -11,8 +11,8 @@ import pytest
 
 from clinical.api import MALFORMED_JSON
 from clinical.asgi import application
-from recordings.models import Recording
-from recordings.schemas import BAD_DATETIME, RESULTS_TOO_DEEP, RESULTS_TOO_LARGE
+from recordings.models import RESULTS_TOO_DEEP, RESULTS_TOO_LARGE, Recording
+from recordings.schemas import BAD_DATETIME
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

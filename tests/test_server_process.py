@@ -220,13 +220,17 @@ def test_api_is_503_not_500_on_an_unusable_database(bare_server, content):
             client.post("/auth/token", json={"username": "alice", "password": "secret"}),
             client.get("/recordings"),
             client.post("/recordings", json={"patient_ref": "PAT-1"}),
+            # Input refused before the token's check: the check cannot be made.
+            client.get("/recordings?limit=0"),
         ]
 
     assert [(answer.request.method, answer.status_code) for answer in answers] == [
         ("POST", 503),
         ("GET", 503),
         ("POST", 503),
+        ("GET", 503),
     ]
+    assert all(answer.headers["retry-after"] == "5" for answer in answers)
     assert all(answer.headers["content-type"].startswith("application/json") for answer in answers)
     assert all("detail" in answer.json() for answer in answers)
 
