@@ -5,13 +5,11 @@ from django.http import HttpResponse
 
 # SQLite hands back datetimes in UTC without a zone: render them as UTC.
 JSON_OPTIONS = orjson.OPT_NAIVE_UTC
+DATABASE_UNAVAILABLE = "The database is unavailable right now; retry later."
 
 
 def to_json(data) -> bytes:
     return orjson.dumps(data, option=JSON_OPTIONS)
-
-
-DATABASE_UNAVAILABLE = "The database is unavailable right now; retry later."
 
 
 def database_unavailable() -> HttpResponse:

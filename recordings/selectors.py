@@ -29,48 +29,20 @@ NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
 TOMBSTONE_KEYS = ("id", "owner", "version", "change_seq", "updated_at", "deleted_at")
 
 
-def recording_get(owner, *, recording_id: uuid.UUID, ip: str | None = None) -> dict:
-    """The owner's live recording, its read audited; Recording.DoesNotExist for anyone else's."""
-    return _recording_get(owner, ip, recording_id)
-
-
-def recording_list(
-    owner,
-    *,
-    status: str | None = None,
-    patient_ref: str | None = None,
-    limit: int = 50,
-    offset: int = 0,
-    ip: str | None = None,
-) -> dict:
-    """{"items", "count"}: a page of the owner's recordings, newest first, and how many match; each read audited."""
-    filters = {"status": status, "patient_ref": patient_ref}
-    return _recording_list(owner, ip, filters, limit, offset)
-
-
-def changes_since(owner, *, since: int, limit: int, ip: str | None = None) -> dict:
-    """{"changes", "cursor", "has_more"}: the owner's recordings changed after cursor `since`, oldest change first.
-
-    A row holds only its latest change, so each recording appears once, at its
-    latest state; deleted ones come as tombstones.
-    """
-    return _changes_since(owner, ip, since, limit)
-
-
 def _audited(read):
     """Run a read and audit the live recordings it returns, in one transaction.
 
-    The wrapped read takes the owner first and returns (answer, ids of the live
-    recordings in it, as the database keeps them); the audited one takes `ip`
-    second and returns the answer.
+    The read returns (answer, ids of the live recordings in it, as the database
+    keeps them); the audited read also takes the caller's `ip` and returns the
+    answer alone.
     """
 
     @wraps(read)
-    def audited(owner, ip, *args):
+    def audited(owner, *, ip: str | None = None, **kwargs):
         if not settings.CLINICAL_AUDIT_READS:
-            return read(owner, *args)[0]
+            return read(owner, **kwargs)[0]
         with transaction.atomic():
-            answer, read_ids = read(owner, *args)
+            answer, read_ids = read(owner, **kwargs)
             audit_reads(actor=owner, recording_ids=read_ids, ip=ip)
         return answer
 
@@ -78,34 +50,50 @@ def _audited(read):
 
 
 @_audited
-def _recording_get(owner, recording_id: uuid.UUID) -> tuple[dict, list]:
+def recording_get(owner, *, recording_id: uuid.UUID) -> tuple[dict, list]:
+    """The owner's live recording, its read audited; Recording.DoesNotExist for anyone else's."""
+    db = sql.db()
+    recording_id = Recording._meta.pk.get_db_prep_value(recording_id, db)
     statement = f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE id = %s AND {LIVE_OF_OWNER}"  # noqa: S608
-    rows, ids = _rows(statement, [_db_id(recording_id), owner.pk], owner, COLUMNS)
+    rows, ids = _rows(db, statement, [recording_id, owner.pk], owner, COLUMNS)
     if not rows:
         raise Recording.DoesNotExist
     return rows[0], ids
 
 
 @_audited
-def _recording_list(owner, filters: dict, limit: int, offset: int) -> tuple[dict, list]:
-    where, params = LIVE_OF_OWNER, [owner.pk]
-    for name, value in filters.items():
+def recording_list(
+    owner,
+    *,
+    status: str | None = None,
+    patient_ref: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[dict, list]:
+    """{"items", "count"}: a page of the owner's recordings, newest first, and how many match; each read audited."""
+    db, where, params = sql.db(), LIVE_OF_OWNER, [owner.pk]
+    for name, value in {"status": status, "patient_ref": patient_ref}.items():
         if value is not None:
             where += f" AND {FILTERS[name]}"
             params.append(value)
     page_sql = f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE {where} {NEWEST_FIRST} LIMIT %s OFFSET %s"  # noqa: S608
-    items, ids = _rows(page_sql, [*params, limit, offset], owner, COLUMNS)
-    (count,) = sql.execute(sql.db(), f"SELECT COUNT(*) FROM {TABLE} WHERE {where}", params).fetchone()  # noqa: S608
+    items, ids = _rows(db, page_sql, [*params, limit, offset], owner, COLUMNS)
+    (count,) = sql.execute(db, f"SELECT COUNT(*) FROM {TABLE} WHERE {where}", params).fetchone()  # noqa: S608
     return {"items": items, "count": count}, ids
 
 
 @_audited
-def _changes_since(owner, since: int, limit: int) -> tuple[dict, list]:
+def changes_since(owner, *, since: int, limit: int) -> tuple[dict, list]:
+    """{"changes", "cursor", "has_more"}: the owner's recordings changed after cursor `since`, oldest change first.
+
+    A row holds only its latest change, so each recording appears once, at its
+    latest state; deleted ones come as tombstones.
+    """
     statement = (
         f"SELECT {', '.join(CHANGE_COLUMNS)} FROM {TABLE} "  # noqa: S608 (constants only)
         "WHERE owner_id = %s AND change_seq > %s ORDER BY change_seq LIMIT %s"
     )
-    rows, ids = _rows(statement, [owner.pk, since, limit + 1], owner, CHANGE_COLUMNS)
+    rows, ids = _rows(sql.db(), statement, [owner.pk, since, limit + 1], owner, CHANGE_COLUMNS)
     has_more = len(rows) > limit
     rows, ids = rows[:limit], ids[:limit]
     live_ids = [db_id for row, db_id in zip(rows, ids, strict=True) if row["deleted_at"] is None]
@@ -123,9 +111,9 @@ def _change(row: dict) -> dict:
     return {**{key: row[key] for key in TOMBSTONE_KEYS}, "deleted": True}
 
 
-def _rows(statement: str, params: list, owner, columns: list[str]) -> tuple[list[dict], list]:
+def _rows(db, statement: str, params: list, owner, columns: list[str]) -> tuple[list[dict], list]:
     """The rows as the API returns them, and their ids as the database keeps them."""
-    rows = sql.execute(sql.db(), statement, params).fetchall()
+    rows = sql.execute(db, statement, params).fetchall()
     ids = [row[0] for row in rows]
     answers = []
     for row in rows:
@@ -146,7 +134,3 @@ def _json(value):
     # The stored JSON text goes out as it is (Django reads JSON columns as text on
     # SQLite and PostgreSQL alike); a driver that decodes JSON hands back objects.
     return orjson.Fragment(value) if isinstance(value, (str, bytes)) else value
-
-
-def _db_id(recording_id: uuid.UUID):
-    return Recording._meta.pk.get_db_prep_value(recording_id, sql.db())
