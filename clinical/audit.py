@@ -18,24 +18,39 @@ Action = AuditEvent.Action
 APPEND_ONLY = "audit events are append-only"
 TABLE = AuditEvent._meta.db_table
 SQLITE_TRIGGERS = {f"{TABLE}_no_update": "UPDATE", f"{TABLE}_no_delete": "DELETE"}
-COLUMNS = ("at", "user_id", "username", "action", "recording_id", "fields", "status_from", "status_to", "client_ip")
+COLUMNS = (
+    "at",
+    "user_id",
+    "username",
+    "action",
+    "recording_id",
+    "fields",
+    "status_from",
+    "status_to",
+    "client_ip",
+    "outcome",
+    "detail",
+)
 INSERT_SQL = (
-    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}, outcome) "  # noqa: S608 (names only)
-    f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, %s)"
+    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) "  # noqa: S608 (names only)
+    f"VALUES ({', '.join(['%s'] * len(COLUMNS))})"
 )
 
 
-def audit_record(*, actor, action: str, recording_id=None, fields=(), status=None, ip=None, outcome="success"):
+def audit_record(
+    *, actor, action: str, recording_id=None, fields=(), status=None, ip=None, outcome="success", detail=None
+):
     """Write one event; call it inside the transaction of the work it records.
 
     `actor` is a user, or a username for someone who is not one (a failed login).
     `status` is (old, new) when the status changed: the only values audited;
-    field names only otherwise, never patient text.
+    field names only otherwise, never patient text; `detail` what an operation
+    acted on (files, counts).
     """
     user = None if isinstance(actor, str) else actor
     status_from, status_to = status or ("", "")
     username = actor if user is None else user.get_username()
-    _insert(user, username, action, [(recording_id, status_to)], ip, outcome, sorted(fields), status_from)
+    _insert(user, username, action, [(recording_id, status_to)], ip, outcome, sorted(fields), status_from, detail)
 
 
 def audit_reads(*, actor, recording_ids: list, ip=None) -> None:
@@ -51,14 +66,14 @@ def audit_many(*, actor, action: str, recording_ids: list, statuses: list | None
         _insert(actor, actor.get_username(), action, list(zip(recording_ids, statuses, strict=True)), ip)
 
 
-def _insert(user, username, action, targets, ip, outcome="success", fields=(), status_from="") -> None:
+def _insert(user, username, action, targets, ip, outcome="success", fields=(), status_from="", detail=None) -> None:
     # One statement prepared once: reads write an event per recording on every GET.
     db = sql.db()
     at = db.ops.adapt_datetimefield_value(timezone.now())
     names = _prep(db, "fields", list(fields))
     user_id = getattr(user, "pk", None)
     rows = [
-        [at, user_id, username, action, _db_uuid(db, rid), names, status_from, status_to, ip, outcome]
+        [at, user_id, username, action, _db_uuid(db, rid), names, status_from, status_to, ip, outcome, detail]
         for rid, status_to in targets
     ]
     sql.executemany(db, INSERT_SQL, rows)

@@ -1,4 +1,4 @@
-"""The platform's tables: API tokens and the one change sequence."""
+"""The platform's tables: API tokens, the change sequence, idempotency keys, login attempts, the audit trail."""
 
 from django.conf import settings
 from django.db import models
@@ -13,6 +13,9 @@ class Token(models.Model):
     expires_at = models.DateTimeField(db_index=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    # Binds the token to the password it was issued under: a password change,
+    # by any path, refuses it (clinical.tokens.password_stamp).
+    password_stamp = models.CharField(max_length=64, default="", editable=False)
 
     class Meta:
         ordering = ["-created_at"]
@@ -38,7 +41,10 @@ class IdempotencyKey(models.Model):
     key = models.CharField(max_length=255)
     fingerprint = models.CharField(max_length=64)
     status_code = models.PositiveSmallIntegerField()
-    body = models.BinaryField()
+    # An answer that carries a recording is kept as the recording's id, never
+    # its content: it is rendered again on replay, and goes with the recording.
+    recording_id = models.UUIDField(null=True, blank=True, db_index=True)
+    body = models.BinaryField(blank=True, default=b"")
     created_at = models.DateTimeField(db_index=True)
 
     class Meta:
@@ -48,7 +54,27 @@ class IdempotencyKey(models.Model):
         return f"idempotency key of {self.user_id}: {self.key}"
 
 
-FAILED_LOGINS = models.Q(action="login_failed")
+class LoginAttempt(models.Model):
+    """A login attempt, counted by the throttle from the moment it starts (clinical.throttle)."""
+
+    class Outcome(models.TextChoices):
+        PENDING = "pending"  # counts as a failure until it ends
+        FAILED = "failed"
+        SUCCESS = "success"
+
+    username = models.CharField(max_length=150)
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
+    started_at = models.DateTimeField()
+    outcome = models.CharField(max_length=10, choices=Outcome, default=Outcome.PENDING)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["username", "started_at"], name="attempt_user_started"),
+            models.Index(fields=["client_ip", "started_at"], name="attempt_ip_started"),
+        ]
+
+    def __str__(self) -> str:
+        return f"login attempt for {self.username} at {self.started_at:%Y-%m-%d %H:%M:%S}: {self.outcome}"
 
 
 class AuditEvent(models.Model):
@@ -62,6 +88,7 @@ class AuditEvent(models.Model):
         LOGIN = "login"
         LOGIN_FAILED = "login_failed"
         TOKEN_REVOKED = "token_revoked"  # noqa: S105 (an action name)
+        RESTORE = "restore"
 
     at = models.DateTimeField(db_index=True)
     # No database constraint: the event outlives the user, and keeps the username.
@@ -76,15 +103,11 @@ class AuditEvent(models.Model):
     status_to = models.CharField(max_length=20, blank=True, default="")
     client_ip = models.GenericIPAddressField(null=True, blank=True)
     outcome = models.CharField(max_length=20, default="success")
+    # What an operation acted on (a restore: from which file, what it replaced); never patient text.
+    detail = models.TextField(null=True, blank=True)  # noqa: DJ001 (null: added without rebuilding a long table)
 
     class Meta:
         ordering = ["-at", "-id"]
-        indexes = [
-            # The login throttle counts recent failures by username and by address;
-            # partial, so that the many read events do not pay for them.
-            models.Index(fields=["username", "at"], name="audit_failed_user_at", condition=FAILED_LOGINS),
-            models.Index(fields=["client_ip", "at"], name="audit_failed_ip_at", condition=FAILED_LOGINS),
-        ]
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username} {self.action}"

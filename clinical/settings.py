@@ -8,6 +8,13 @@ from clinical.secret_key import load_or_create_secret_key
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = BASE_DIR / "data"
+BACKUP_DIR = BASE_DIR / "backups"
+
+# Patient data: whatever this process creates (the database, its -wal and
+# -shm, backups, temporary copies) is readable by its owner only, whatever
+# umask it was started with. Modes of files made earlier are repaired at
+# start (clinical.files).
+os.umask(0o077)
 
 
 def env_list(name: str, default: str) -> list[str]:
@@ -19,7 +26,7 @@ SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or load_or_create_secret_key(DA
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
 
 DB_PATH = Path(os.environ.get("CLINICAL_DB_PATH") or DATA_DIR / "clinical.db").expanduser().absolute()
-DB_PATH.parent.mkdir(parents=True, exist_ok=True)
+DB_PATH.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 DATABASES = {
     "default": {
@@ -98,11 +105,13 @@ AUTH_PASSWORD_VALIDATORS = [
 
 AUTHENTICATION_BACKENDS = ["clinical.backends.ThrottledModelBackend"]
 
-# Behind an HTTPS proxy (CLINICAL_HTTPS=1): trust its X-Forwarded-Proto, send
-# HSTS, and keep cookies to HTTPS. `manage.py check --deploy` passes with it.
+# Behind an HTTPS proxy (CLINICAL_HTTPS=1): redirect to HTTPS, send HSTS, and
+# keep cookies to HTTPS. `manage.py check --deploy` passes with it. The scheme
+# comes from the proxy's X-Forwarded-Proto only when the proxy is one of
+# CLINICAL_TRUSTED_PROXIES (uvicorn applies it, clinical/serve.py): Django's
+# SECURE_PROXY_SSL_HEADER would believe that header from anyone.
 HTTPS = os.environ.get("CLINICAL_HTTPS") == "1"
 if HTTPS:
-    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = True
     SECURE_HSTS_SECONDS = int(os.environ.get("CLINICAL_HSTS_SECONDS", str(365 * 24 * 3600)))
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
@@ -135,6 +144,9 @@ CLINICAL_AUDIT_READS = os.environ.get("CLINICAL_AUDIT_READS", "1") != "0"
 CLINICAL_LOGIN_MAX_FAILURES_PER_USER = int(os.environ.get("CLINICAL_LOGIN_MAX_FAILURES_PER_USER", "5"))
 CLINICAL_LOGIN_MAX_FAILURES_PER_IP = int(os.environ.get("CLINICAL_LOGIN_MAX_FAILURES_PER_IP", "20"))
 CLINICAL_LOGIN_WINDOW_MINUTES = float(os.environ.get("CLINICAL_LOGIN_WINDOW_MINUTES", "15"))
+# A page of the list or the feed ends early, with fewer items than its limit,
+# once its recordings' text passes this many characters (at least one item a page).
+CLINICAL_PAGE_BUDGET = int(os.environ.get("CLINICAL_PAGE_BUDGET_CHARS", str(4 * 1024 * 1024)))
 CLINICAL_TOKEN_TTL = timedelta(hours=float(os.environ.get("CLINICAL_TOKEN_TTL_HOURS", "12")))
 
 LOGGING = {

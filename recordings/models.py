@@ -34,6 +34,19 @@ QUEUE_STATUSES = (Status.PENDING, Status.UPLOADED, Status.TRANSCRIBING)
 MAX_TRANSCRIPT = 500_000
 MAX_RESULTS_BYTES = 256 * 1024
 MAX_RESULTS_DEPTH = 32
+# What a deleted recording keeps of its content: nothing (its tombstone serves the sync feed).
+TOMBSTONE_CLEARED = {
+    "patient_ref": "",
+    "title": "",
+    "note_type": "",
+    "audio_path": "",
+    "duration_seconds": None,
+    "transcript": "",
+    "verification_results": {},
+    "error": "",
+    "recorded_at": None,
+}
+
 RESULTS_TOO_LARGE = f"verification_results must serialize to at most {MAX_RESULTS_BYTES // 1024} KiB"
 RESULTS_NOT_JSON = "verification_results must be JSON: finite numbers, integers of at most 64 bits"
 RESULTS_TOO_DEEP = f"verification_results must not nest deeper than {MAX_RESULTS_DEPTH} levels"
@@ -108,4 +121,5 @@ class Recording(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.patient_ref}: {self.title or self.note_type} ({self.status})"
+        # No patient text: Django copies this into its admin log and messages.
+        return f"Recording {self.pk}"

@@ -1,4 +1,4 @@
-"""A real uvicorn process on a free port with its own SQLite file, for tests about processes."""
+"""A real server process (uvicorn, as scripts/serve runs it) on a free port with its own SQLite file."""
 
 import os
 import signal
@@ -62,8 +62,9 @@ class Server:
         token = server.login("alice")
     """
 
-    def __init__(self, directory: Path, *, db_path: Path | None = None):
+    def __init__(self, directory: Path, *, db_path: Path | None = None, args: tuple[str, ...] = ()):
         self.directory = Path(directory)
+        self.args = tuple(args)  # more uvicorn options, such as ("--workers", "2")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.db_path = Path(db_path) if db_path is not None else self.directory / "clinical.db"
         self.log_path = self.directory / "server.log"
@@ -138,17 +139,8 @@ class Server:
             log.write(f"--- start {self.starts} on port {self.port}\n".encode())
             log.flush()
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "clinical.asgi:application",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--no-access-log",
-                ],
+                # What scripts/serve runs, with its safe defaults (clinical/serve.py).
+                [sys.executable, "-m", "clinical.serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
                 cwd=REPO_ROOT,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
