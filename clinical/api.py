@@ -2,7 +2,6 @@
 
 import logging
 
-import orjson
 from django.db import DatabaseError, DataError, IntegrityError, NotSupportedError, ProgrammingError
 from django.http import Http404
 from ninja import NinjaAPI, Schema, Status
@@ -11,6 +10,7 @@ from ninja.parser import Parser
 from ninja.renderers import BaseRenderer
 from pydantic import Field
 
+from clinical.bodies import BadBody, parse_json
 from clinical.connections import on_db_thread
 from clinical.health import database_state
 from clinical.idempotency import IdempotencyError
@@ -26,16 +26,15 @@ from recordings.services import RecordingConflict
 logger = logging.getLogger(__name__)
 
 NOT_FOUND = "Not found."
-MALFORMED_JSON = "The request body is not valid JSON"
 TOO_MANY_FAILURES = "Too many failed logins: wait for the time in Retry-After, then try again."
 BAD_CREDENTIALS = "Wrong username or password, or the account is inactive."
 
 
 class ORJSONParser(Parser):
-    """Refuses what json.loads lets through: lone surrogates, invalid UTF-8, absurd nesting."""
+    """Refuses what json.loads lets through: lone surrogates, invalid UTF-8, deep nesting (clinical.bodies)."""
 
     def parse_body(self, request):
-        return orjson.loads(request.body)
+        return parse_json(request.body)
 
 
 class ORJSONRenderer(BaseRenderer):
@@ -132,8 +131,8 @@ def database_error(request, exc):
 
 @api.exception_handler(HttpError)
 def http_error(request, exc):
-    if isinstance(exc.__cause__, orjson.JSONDecodeError):
-        return _error(request, 400, f"{MALFORMED_JSON}: {exc.__cause__}")
+    if isinstance(exc.__cause__, BadBody):
+        return _error(request, 400, str(exc.__cause__))
     return _error(request, exc.status_code, str(exc))
 
 

@@ -41,14 +41,17 @@ class IdempotencyKey(models.Model):
     key = models.CharField(max_length=255)
     fingerprint = models.CharField(max_length=64)
     status_code = models.PositiveSmallIntegerField()
-    # An answer that carries a recording is kept as the recording's id, never
-    # its content: it is rendered again on replay, and goes with the recording.
-    recording_id = models.UUIDField(null=True, blank=True, db_index=True)
     body = models.BinaryField(blank=True, default=b"")
+    # The recording the answer carries: its stored answers go when it is deleted,
+    # and past a user's size budget only this is kept (clinical.idempotency).
+    recording_id = models.UUIDField(null=True, blank=True, db_index=True)
+    size = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(db_index=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "key"], name="idempotency_user_key")]
+        # A user's stored bytes are summed on every keyed write (the size budget).
+        indexes = [models.Index(fields=["user", "created_at", "size"], name="idempotency_user_size")]
 
     def __str__(self) -> str:
         return f"idempotency key of {self.user_id}: {self.key}"

@@ -138,6 +138,8 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = CLINICAL_MAX_BODY_BYTES
 
 # Kept at least 24 hours (the contract's floor); vacuumdb purges older ones.
 CLINICAL_IDEMPOTENCY_TTL = timedelta(hours=max(24.0, float(os.environ.get("CLINICAL_IDEMPOTENCY_TTL_HOURS", "24"))))
+# Stored answers hold patient data: a user's, within that time, take at most this many bytes.
+CLINICAL_IDEMPOTENCY_MAX_BYTES_PER_USER = int(float(os.environ.get("CLINICAL_IDEMPOTENCY_MAX_MIB", "64")) * 2**20)
 # Audit every API read of a recording (on unless CLINICAL_AUDIT_READS=0).
 CLINICAL_AUDIT_READS = os.environ.get("CLINICAL_AUDIT_READS", "1") != "0"
 # Login throttling: this many failures within the window, and logins answer 429.

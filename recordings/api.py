@@ -34,7 +34,7 @@ async def create_recording(request, data: RecordingIn):
         recording, created = recording_create(owner=user, ip=client_ip(request), validated=True, **dict(data))
         return (201 if created else 200), recording_data(recording)
 
-    return await aidempotent(request, work)
+    return await aidempotent(request, work, replay=recording_get)
 
 
 @router.get("", response=RecordingList)
@@ -59,7 +59,7 @@ async def update_recording(request, recording_id: UUID, data: RecordingPatch):
         )
         return 200, recording_data(recording)
 
-    return await aidempotent(request, work)
+    return await aidempotent(request, work, replay=recording_get)
 
 
 @router.delete("/{recording_id}", response={204: None})
@@ -70,7 +70,7 @@ async def delete_recording(request, recording_id: UUID):
         recording_delete(owner=user, recording_id=recording_id, ip=client_ip(request))
         return 204, None
 
-    return await aidempotent(request, work)
+    return await aidempotent(request, work, replay=recording_get)
 
 
 @sync_router.get("/changes", response=ChangesOut)

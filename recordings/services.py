@@ -10,7 +10,8 @@ from django.utils import timezone
 from clinical import sql
 from clinical.audit import Action, audit_reads, audit_record
 from clinical.changes import next_change_seq
-from recordings.models import INITIAL_STATUSES, TRANSITIONS, Recording
+from clinical.idempotency import idempotency_keys_drop
+from recordings.models import INITIAL_STATUSES, TOMBSTONE_CLEARED, TRANSITIONS, Recording
 
 STALE_VERSION = "Stale version: the recording was changed since you read it."
 ID_TAKEN = "This id belongs to another recording."
@@ -113,7 +114,11 @@ def recording_update(
 
 @transaction.atomic
 def recording_delete(*, owner, recording_id: uuid.UUID, actor=None, ip: str | None = None) -> Recording:
-    """Mark a recording deleted, keeping a tombstone for the sync feed; deleting twice is fine."""
+    """Mark a recording deleted, keeping a tombstone for the sync feed; deleting twice is fine.
+
+    The tombstone keeps no clinical content, and the stored answers that
+    carried the recording go with it: nothing serves a deleted note again.
+    """
     actor = actor or owner
     recording = Recording.objects.filter(pk=recording_id, owner=owner).first()
     if recording is None:
@@ -121,11 +126,14 @@ def recording_delete(*, owner, recording_id: uuid.UUID, actor=None, ip: str | No
     if recording.deleted_at is not None:
         return recording
     now = timezone.now()
+    for field, value in TOMBSTONE_CLEARED.items():
+        setattr(recording, field, value)
     recording.deleted_at = now
     recording.updated_at = now
     recording.version += 1
     recording.change_seq = next_change_seq()
-    recording.save(update_fields=["deleted_at", "updated_at", "version", "change_seq"])
+    recording.save(update_fields=[*TOMBSTONE_CLEARED, "deleted_at", "updated_at", "version", "change_seq"])
+    idempotency_keys_drop(recording_id=recording.pk)
     audit_record(actor=actor, action=Action.DELETE, recording_id=recording.pk, ip=ip)
     return recording
 

@@ -6,6 +6,7 @@ from html.parser import HTMLParser
 
 import pytest
 from django import forms
+from django.contrib.admin.models import LogEntry
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -13,7 +14,7 @@ from django.utils.html import escape
 
 from clinical.models import AuditEvent, Token
 from clinical.tokens import token_issue
-from recordings.models import Recording
+from recordings.models import TOMBSTONE_CLEARED, Recording
 from recordings.services import (
     STALE_VERSION,
     recording_create,
@@ -357,6 +358,29 @@ def test_deleting_several_leaves_a_tombstone_and_an_event_each(staff, alice):
     assert sorted(e.recording_id for e in AuditEvent.objects.filter(action="delete")) == sorted(
         r.pk for r in recordings
     )
+
+
+def test_a_tombstone_keeps_no_clinical_content(staff, alice):
+    recording = create(alice, patient_ref="PAT-SECRET", title="Biopsy", transcript="words", error="why")
+    recording = walk(recording, "failed")
+
+    staff.post(reverse("admin:recordings_recording_delete", args=[recording.pk]), {"post": "yes"})
+
+    after = stored(recording)
+    assert {field: after[field] for field in TOMBSTONE_CLEARED} == TOMBSTONE_CLEARED
+    assert after["status"] == "failed"
+
+
+def test_the_admins_own_log_carries_no_patient_text(staff, alice):
+    recording = create(alice, patient_ref="PAT-SECRET", title="Biopsy of the left knee")
+    page = staff.get(change_url(recording))
+    staff.post(change_url(recording), form_data(page, title="Biopsy of the right knee"))
+
+    staff.post(reverse("admin:recordings_recording_delete", args=[recording.pk]), {"post": "yes"})
+
+    entries = list(LogEntry.objects.values_list("object_repr", "change_message"))
+    assert len(entries) == 2
+    assert not [entry for entry in entries if "PAT-SECRET" in str(entry) or "knee" in str(entry)]
 
 
 # Tokens

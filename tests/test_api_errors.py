@@ -9,8 +9,8 @@ import uuid
 import orjson
 import pytest
 
-from clinical.api import MALFORMED_JSON
 from clinical.asgi import application
+from clinical.bodies import MALFORMED_JSON, MAX_DEPTH
 from recordings.models import RESULTS_TOO_DEEP, RESULTS_TOO_LARGE, Recording
 from recordings.schemas import BAD_DATETIME
 
@@ -188,7 +188,7 @@ async def test_deeply_nested_json_is_refused(api, alice):
     assert await Recording.objects.acount() == 0
 
 
-@pytest.mark.parametrize("depth", [33, 100, 1000])
+@pytest.mark.parametrize("depth", [33, MAX_DEPTH - 1])
 async def test_verification_results_nested_too_deep_is_a_422(api, alice, depth):
     nested = b'{"n":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
 
@@ -196,6 +196,16 @@ async def test_verification_results_nested_too_deep_is_a_422(api, alice, depth):
 
     assert_json_error(response, 422)
     assert RESULTS_TOO_DEEP in error_messages(response)
+    assert await Recording.objects.acount() == 0
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH, 100, 300, 1000, 5000])
+async def test_a_body_nested_deeper_than_the_bound_is_a_400(api, alice, depth):
+    nested = b'{"n":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+    response = await post_raw(api, alice, b'{"patient_ref": "x", "verification_results": ' + nested + b"}")
+
+    assert_json_error(response, 400)
     assert await Recording.objects.acount() == 0
 
 
@@ -612,3 +622,50 @@ async def test_a_client_that_goes_away_mid_request_still_gets_its_work_done(api,
     assert await Recording.objects.filter(pk=recording_id, patient_ref="PAT-GONE").aexists()
     retried = await api.post("/recordings", {"id": str(recording_id), "patient_ref": "PAT-GONE"}, user=alice)
     assert retried.status_code == 200
+
+
+# A deep body, on every operation, whether or not it takes a body
+
+
+def operations(schema: dict) -> list[tuple[str, str]]:
+    """(method, path) of every operation the OpenAPI document publishes, without the /api prefix."""
+    return [
+        (method.upper(), path.removeprefix("/api"))
+        for path, item in schema["paths"].items()
+        for method in item
+        if method in {"get", "post", "put", "patch", "delete"}
+    ]
+
+
+DEEP_BODY = b"[" * 300 + b"]" * 300
+
+
+@pytest.mark.parametrize("token", ["bad", "good"])
+async def test_a_deep_body_never_answers_500_on_any_operation(api, alice, make_recording, token):
+    recording = await make_recording(owner=alice)
+    schema = (await api.get("/openapi.json")).json()
+    auth = {"user": alice} if token == "good" else {"token": "not-a-real-token"}
+    headers = {"Idempotency-Key": "k", "Content-Type": "application/json"}
+    answers = {}
+
+    for method, template in operations(schema):
+        path = template.format(recording_id=recording.id, token_id=1)
+        response = await api.request(method, path, content=DEEP_BODY, headers=headers, **auth)
+        answers[f"{method} {path}"] = response.status_code
+
+    assert answers, "the OpenAPI document lists no operation"
+    assert [name for name, status in answers.items() if status >= 500] == []
+    if token == "bad":
+        protected = set(answers) - {"GET /health", "POST /auth/token"}
+        assert {name: answers[name] for name in protected} == dict.fromkeys(protected, 401)
+    assert await Recording.objects.acount() == 1
+
+
+async def test_delete_with_a_bad_token_and_a_deep_body_is_a_401(api, alice, make_recording):
+    recording = await make_recording(owner=alice)
+    headers = {"Authorization": "Bearer not-a-real-token", "Idempotency-Key": "k"}
+
+    response = await api.request("DELETE", f"/recordings/{recording.id}", content=DEEP_BODY, headers=headers)
+
+    assert_json_error(response, 401)
+    assert (await Recording.objects.aget(pk=recording.id)).deleted_at is None

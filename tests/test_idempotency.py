@@ -424,3 +424,50 @@ async def test_a_key_of_255_characters_is_accepted(api, alice):
 
     assert first.status_code == 201
     assert again.headers[REPLAYED] == "true"
+
+
+# Stored answers hold patient data: dropped with the recording, bounded per user
+
+
+async def test_a_deleted_recordings_stored_answers_are_not_replayed(api, alice):
+    body = {"patient_ref": "PAT-GONE", "transcript": "private words"}
+    created = await api.post("/recordings", body, user=alice, headers=keyed("create-gone"))
+    path = f"/recordings/{created.json()['id']}"
+    await api.patch(path, {"version": 1, "title": "Knee"}, user=alice, headers=keyed("patch-gone"))
+    await api.delete(path, user=alice, headers=keyed("delete-gone"))
+
+    patch_again = await api.patch(path, {"version": 1, "title": "Knee"}, user=alice, headers=keyed("patch-gone"))
+    create_again = await api.post("/recordings", body, user=alice, headers=keyed("create-gone"))
+    delete_again = await api.delete(path, user=alice, headers=keyed("delete-gone"))
+
+    assert patch_again.status_code == 404
+    assert create_again.status_code == 201  # a new recording: the first one is gone
+    assert create_again.json()["id"] != created.json()["id"]
+    assert delete_again.status_code == 204
+    assert delete_again.headers[REPLAYED] == "true"
+    assert "private words" not in patch_again.text
+    assert not await IdempotencyKey.objects.filter(recording_id=created.json()["id"]).aexists()
+
+
+async def test_stored_answers_are_bounded_per_user_and_still_replay(api, alice, bob, settings):
+    settings.CLINICAL_IDEMPOTENCY_MAX_BYTES_PER_USER = 5_000
+    answers = []
+    for index in range(6):
+        body = {"patient_ref": f"PAT-{index}", "transcript": "x" * 1_500}
+        answers.append((body, await api.post("/recordings", body, user=alice, headers=keyed(f"big-{index}"))))
+    bobs = await api.post(
+        "/recordings", {"patient_ref": "PAT-B", "transcript": "y" * 1_500}, user=bob, headers=keyed("b")
+    )
+
+    replays = [
+        await api.post("/recordings", body, user=alice, headers=keyed(f"big-{i}"))
+        for i, (body, _) in enumerate(answers)
+    ]
+
+    sizes = [key.size async for key in IdempotencyKey.objects.filter(user=alice)]
+    assert sum(sizes) <= 5_000
+    assert sizes.count(0) >= 3  # past the budget: the recording's id only
+    assert [replay.json() for replay in replays] == [first.json() for _, first in answers]
+    assert {replay.headers[REPLAYED] for replay in replays} == {"true"}
+    assert (await IdempotencyKey.objects.aget(user=bob)).size == len(bobs.content)
+    assert await Recording.objects.acount() == 7

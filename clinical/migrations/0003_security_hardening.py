@@ -48,11 +48,6 @@ class Migration(migrations.Migration):
             name='action',
             field=models.CharField(choices=[('create', 'Create'), ('update', 'Update'), ('delete', 'Delete'), ('read', 'Read'), ('login', 'Login'), ('login_failed', 'Login Failed'), ('token_revoked', 'Token Revoked'), ('restore', 'Restore')], max_length=20),
         ),
-        migrations.AlterField(
-            model_name='idempotencykey',
-            name='body',
-            field=models.BinaryField(blank=True, default=b''),
-        ),
         migrations.AddIndex(
             model_name='loginattempt',
             index=models.Index(fields=['username', 'started_at'], name='attempt_user_started'),
