@@ -1,12 +1,17 @@
-"""The staff admin for the platform: a read-only audit trail, and tokens to revoke."""
+"""The staff admin for the platform: a read-only audit trail, tokens to revoke, users to sign out."""
 
 import uuid
 
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
+from django.utils import timezone
 
 from clinical.models import AuditEvent, Token
 from clinical.requests import client_ip
-from clinical.tokens import token_revoke
+from clinical.tokens import password_stamp, token_revoke, tokens_revoke_all
+
+User = get_user_model()
 
 
 @admin.register(AuditEvent)
@@ -72,12 +77,36 @@ class TokenAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
+    list_select_related = ("user",)
+
     @admin.display(boolean=True, description="active")
     def is_active(self, token):
-        return token.revoked_at is None
+        # Refused once revoked, expired, or issued under a password since changed.
+        return (
+            token.revoked_at is None
+            and token.expires_at > timezone.now()
+            and token.password_stamp == password_stamp(token.user.password)
+        )
 
     @admin.action(description="Revoke the selected tokens", permissions=["change"])
     def revoke(self, request, queryset):
         for token in queryset.filter(revoked_at__isnull=True):
             token_revoke(token_id=token.pk, actor=request.user, ip=client_ip(request))
         self.message_user(request, "The selected tokens are revoked.", messages.SUCCESS)
+
+
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class ClinicalUserAdmin(UserAdmin):
+    """Django's user admin, with a way to sign someone out of every device at once."""
+
+    actions = ["sign_out_everywhere"]
+
+    @admin.action(
+        description="Sign out everywhere (revoke every token, end every admin session)", permissions=["change"]
+    )
+    def sign_out_everywhere(self, request, queryset):
+        revoked = sum(tokens_revoke_all(user=user, actor=request.user, ip=client_ip(request)) for user in queryset)
+        self.message_user(request, f"Signed out everywhere: {revoked} tokens revoked.", messages.SUCCESS)

@@ -1,10 +1,11 @@
 """The REST API: mounts the routers, speaks JSON with orjson, maps errors in one place."""
 
 import logging
+from datetime import datetime
 
 from django.db import DatabaseError, DataError, IntegrityError, NotSupportedError, ProgrammingError
 from django.http import Http404
-from ninja import NinjaAPI, Schema, Status
+from ninja import NinjaAPI, Path, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 from ninja.renderers import BaseRenderer
@@ -15,8 +16,17 @@ from clinical.connections import on_db_thread
 from clinical.health import database_state
 from clinical.idempotency import IdempotencyError
 from clinical.requests import client_ip
-from clinical.responses import database_unavailable, to_json
-from clinical.tokens import BearerAuth, LoginRefused, alogin, as_user, token_revoke, unauthorized
+from clinical.responses import database_unavailable, json_response, to_json
+from clinical.tokens import (
+    BearerAuth,
+    LoginRefused,
+    alogin,
+    as_user,
+    token_revoke,
+    token_revoke_own,
+    tokens_live,
+    unauthorized,
+)
 from recordings.api import router as recordings_router
 from recordings.api import sync_router
 from recordings.models import Recording
@@ -28,6 +38,7 @@ logger = logging.getLogger(__name__)
 NOT_FOUND = "Not found."
 TOO_MANY_FAILURES = "Too many failed logins: wait for the time in Retry-After, then try again."
 BAD_CREDENTIALS = "Wrong username or password, or the account is inactive."
+MAX_ID = 2**63 - 1
 
 
 class ORJSONParser(Parser):
@@ -98,6 +109,31 @@ async def revoke_token(request):
 
 def _revoke_own(user, *, ip: str | None) -> None:
     token_revoke(token_id=user.token_id, actor=user, ip=ip)
+
+
+class TokenInfo(Schema):
+    id: int
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime
+    current: bool = Field(description="whether this is the token the request presents")
+
+
+class TokenList(Schema):
+    items: list[TokenInfo]
+
+
+@api.get("/auth/tokens", response=TokenList, tags=["auth"])
+async def list_tokens(request):
+    """Your tokens that still work, newest first (never their secret): one per device you logged in on."""
+    return json_response(await as_user(request, tokens_live))
+
+
+@api.delete("/auth/tokens/{token_id}", response={204: None}, tags=["auth"])
+async def revoke_one_token(request, token_id: int = Path(..., ge=1, le=MAX_ID)):
+    """Revoke one of your tokens, such as a lost tablet's; 404 for a token that is not yours."""
+    await as_user(request, token_revoke_own, token_id=token_id, ip=client_ip(request))
+    return Status(204, None)
 
 
 def _error(request, status: int, detail, extra: dict | None = None):

@@ -1,4 +1,4 @@
-"""The admin's login, throttled and audited like the API's."""
+"""The admin's login, throttled and audited like the API's, under the same rule."""
 
 from django.contrib.auth.backends import ModelBackend
 from django.core.exceptions import PermissionDenied
@@ -6,23 +6,25 @@ from django.db import transaction
 
 from clinical.audit import Action, audit_record
 from clinical.requests import client_ip
-from clinical.throttle import FAILED, THROTTLED, login_retry_after
-from clinical.tokens import login_failure_record
+from clinical.throttle import login_attempt_end, login_attempt_start, login_failure_record
 
 NOT_STAFF = "not_staff"
 
 
 class ThrottledModelBackend(ModelBackend):
     def authenticate(self, request, username=None, password=None, **kwargs):
+        if username is None or password is None:
+            return None  # not a login with a password: nothing to throttle
         ip = client_ip(request) if request is not None else None
-        if username and login_retry_after(username=username, ip=ip):
-            login_failure_record(username=username, ip=ip, outcome=THROTTLED)
+        attempt_id, _ = login_attempt_start(username=username, ip=ip)
+        if attempt_id is None:
             raise PermissionDenied  # authenticate() stops here: not even the right password gets in
         user = super().authenticate(request, username=username, password=password, **kwargs)
         if user is None:
-            login_failure_record(username=username or "", ip=ip, outcome=FAILED)
-        else:
-            # This backend serves the admin, which turns away all but staff.
-            with transaction.atomic():
-                audit_record(actor=user, action=Action.LOGIN, ip=ip, outcome="success" if user.is_staff else NOT_STAFF)
+            login_failure_record(attempt_id=attempt_id, username=username, ip=ip)
+            return None
+        # This backend serves the admin, which turns away all but staff.
+        with transaction.atomic():
+            login_attempt_end(attempt_id, succeeded=True)
+            audit_record(actor=user, action=Action.LOGIN, ip=ip, outcome="success" if user.is_staff else NOT_STAFF)
         return user

@@ -1,16 +1,18 @@
 """Bearer tokens: issue, check and revoke; only a hash of each secret is kept."""
 
 import hashlib
+import hmac
 import logging
 import secrets
 from datetime import timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.auth import get_user_model
+from django.contrib.auth import SESSION_KEY, get_user_model
 from django.contrib.auth.hashers import check_password, make_password
+from django.contrib.sessions.models import Session
 from django.db import DatabaseError, transaction
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse
 from django.utils import timezone
 from ninja.errors import AuthenticationError
 from ninja.security import HttpBearer
@@ -20,7 +22,7 @@ from clinical.audit import Action, audit_record
 from clinical.connections import on_db_thread
 from clinical.models import Token
 from clinical.responses import database_unavailable, json_response
-from clinical.throttle import FAILED, THROTTLED, login_retry_after
+from clinical.throttle import login_attempt_end, login_attempt_start, login_failure_record
 
 logger = logging.getLogger(__name__)
 MAX_TOKEN_LENGTH = 256
@@ -38,7 +40,7 @@ USER_FIELDS = [
 # compared in SQL, so no datetime is parsed on every request.
 TOKEN_USER_SQL = (
     f"SELECT {', '.join('u.' + name for name in USER_FIELDS)}, t.id, "  # noqa: S608 (names only)
-    "(t.last_used_at IS NULL OR t.last_used_at < %s) "
+    "(t.last_used_at IS NULL OR t.last_used_at < %s), u.password, t.password_stamp "
     f"FROM {Token._meta.db_table} t JOIN {User._meta.db_table} u ON u.id = t.user_id "
     "WHERE t.key_hash = %s AND t.revoked_at IS NULL AND t.expires_at > %s AND u.is_active = %s"
 )
@@ -50,6 +52,16 @@ def hash_token(raw: str) -> str:
     return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def password_stamp(encoded_password: str) -> str:
+    """What binds a token to the password it was issued under.
+
+    A digest of the stored password hash (which holds its own salt): any change
+    of password, by the API, the admin, `changepassword` or the shell, changes
+    it, and the token check refuses every token issued before.
+    """
+    return hashlib.sha256(encoded_password.encode()).hexdigest()
+
+
 class LoginRefused(Exception):
     """Wrong credentials (401), or too many failures lately (429 after `retry_after` seconds)."""
 
@@ -59,30 +71,34 @@ class LoginRefused(Exception):
 
 
 async def alogin(*, username: str, password: str, ip: str | None) -> tuple[str, Token]:
-    """Check the throttle, then the credentials; a new token, or LoginRefused. Every attempt is audited."""
-    retry_after = await on_db_thread(login_retry_after, username=username, ip=ip)
-    if retry_after:
-        await on_db_thread(login_failure_record, username=username, ip=ip, outcome=THROTTLED)
+    """Check the throttle, then the credentials; a new token, or LoginRefused. Every attempt is audited.
+
+    The attempt is recorded before the password is checked (clinical.throttle),
+    so concurrent attempts cannot all pass the throttle at once.
+    """
+    attempt_id, retry_after = await on_db_thread(login_attempt_start, username=username, ip=ip)
+    if attempt_id is None:
         raise LoginRefused(retry_after)
     user = await auser_authenticate(username=username, password=password)
     if user is None:
-        await on_db_thread(login_failure_record, username=username, ip=ip, outcome=FAILED)
+        await on_db_thread(login_failure_record, attempt_id=attempt_id, username=username, ip=ip)
         raise LoginRefused
-    return await on_db_thread(token_issue, user=user, ip=ip)
+    return await on_db_thread(token_issue, user=user, ip=ip, attempt_id=attempt_id)
 
 
 @transaction.atomic
-def login_failure_record(*, username: str, ip: str | None, outcome: str) -> None:
-    audit_record(actor=username, action=Action.LOGIN_FAILED, ip=ip, outcome=outcome)
-
-
-@transaction.atomic
-def token_issue(*, user, ip: str | None = None) -> tuple[str, Token]:
+def token_issue(*, user, ip: str | None = None, attempt_id: int | None = None) -> tuple[str, Token]:
     raw = secrets.token_urlsafe(32)
     now = timezone.now()
     token = Token.objects.create(
-        user=user, key_hash=hash_token(raw), created_at=now, expires_at=now + settings.CLINICAL_TOKEN_TTL
+        user=user,
+        key_hash=hash_token(raw),
+        password_stamp=password_stamp(user.password),
+        created_at=now,
+        expires_at=now + settings.CLINICAL_TOKEN_TTL,
     )
+    if attempt_id is not None:
+        login_attempt_end(attempt_id, succeeded=True)
     audit_record(actor=user, action=Action.LOGIN, ip=ip)
     return raw, token
 
@@ -91,6 +107,36 @@ def token_issue(*, user, ip: str | None = None) -> tuple[str, Token]:
 def token_revoke(*, token_id: int, actor, ip: str | None = None) -> None:
     if Token.objects.filter(pk=token_id, revoked_at__isnull=True).update(revoked_at=timezone.now()):
         audit_record(actor=actor, action=Action.TOKEN_REVOKED, ip=ip)
+
+
+def tokens_live(user) -> dict:
+    """{"items"}: the user's tokens that still work, newest first; never their secret."""
+    stamp = password_stamp(User.objects.values_list("password", flat=True).get(pk=user.pk))
+    live = Token.objects.filter(
+        user_id=user.pk, revoked_at__isnull=True, expires_at__gt=timezone.now(), password_stamp=stamp
+    )
+    fields = ("id", "created_at", "last_used_at", "expires_at")
+    items = [{**row, "current": row["id"] == user.token_id} for row in live.order_by("-created_at").values(*fields)]
+    return {"items": items}
+
+
+@transaction.atomic
+def token_revoke_own(user, *, token_id: int, ip: str | None = None) -> None:
+    """Revoke one of the user's own tokens (a lost device); Http404 for anyone else's."""
+    if not Token.objects.filter(pk=token_id, user_id=user.pk).exists():
+        raise Http404
+    token_revoke(token_id=token_id, actor=user, ip=ip)
+
+
+@transaction.atomic
+def tokens_revoke_all(*, user, actor, ip: str | None = None) -> int:
+    """Sign a user out everywhere: every live token revoked (each audited), every admin session ended."""
+    live = list(Token.objects.filter(user=user, revoked_at__isnull=True).values_list("pk", flat=True))
+    for token_id in live:
+        token_revoke(token_id=token_id, actor=actor, ip=ip)
+    ended = [s.pk for s in Session.objects.iterator() if s.get_decoded().get(SESSION_KEY) == str(user.pk)]
+    Session.objects.filter(pk__in=ended).delete()
+    return len(live)
 
 
 @transaction.atomic
@@ -165,7 +211,9 @@ def _token_user(key_hash: str):
     row = sql.execute(db, TOKEN_USER_SQL, [stale, key_hash, stamp, True]).fetchone()
     if row is None:
         return None
-    *user_values, token_id, last_used_stale = row
+    *user_values, token_id, last_used_stale, encoded_password, stamp_then = row
+    if not hmac.compare_digest(password_stamp(encoded_password), stamp_then):
+        return None  # the password changed since this token was issued
     if last_used_stale:
         # At most once a minute a token: a write on every request would queue behind writers.
         sql.execute(db, LAST_USED_SQL, [stamp, token_id])

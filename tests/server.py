@@ -31,7 +31,8 @@ from django.contrib.auth.hashers import PBKDF2PasswordHasher, make_password
 class QuickPBKDF2(PBKDF2PasswordHasher):
     iterations = 1000
 
-password, *usernames = sys.argv[1:]
+password, iterations, *usernames = sys.argv[1:]
+QuickPBKDF2.iterations = int(iterations)
 for username in usernames:
     get_user_model().objects.create(username=username, password=make_password(password, hasher=QuickPBKDF2()))
 """
@@ -101,14 +102,14 @@ class Server:
     def migrate(self) -> None:
         self._run([sys.executable, "manage.py", "migrate", "--noinput"])
 
-    def create_users(self, *usernames: str, password: str = PASSWORD) -> None:
-        self._run([sys.executable, "-c", CREATE_USERS, password, *usernames])
+    def create_users(self, *usernames: str, password: str = PASSWORD, iterations: int = 1000) -> None:
+        self._run([sys.executable, "-c", CREATE_USERS, password, str(iterations), *usernames])
 
-    def prepare(self, *usernames: str, password: str = PASSWORD) -> None:
-        """A migrated database file with these users, each with `password`."""
+    def prepare(self, *usernames: str, password: str = PASSWORD, iterations: int = 1000) -> None:
+        """A migrated database file with these users, each with `password` (hashed with this many PBKDF2 rounds)."""
         self.migrate()
         if usernames:
-            self.create_users(*usernames, password=password)
+            self.create_users(*usernames, password=password, iterations=iterations)
 
     def _run(self, command: list[str]) -> None:
         done = subprocess.run(command, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=120)

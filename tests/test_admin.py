@@ -421,6 +421,41 @@ def test_tokens_cannot_be_added_or_deleted_in_the_admin(staff, alice):
     assert Token.objects.filter(pk=token.pk).exists()
 
 
+def test_a_token_issued_before_a_password_change_shows_as_not_active(staff, alice):
+    _, before = token_issue(user=alice)
+    alice.set_password("a brand new passphrase")
+    alice.save()
+    _, after = token_issue(user=alice)
+
+    response = staff.get(TOKENS)
+
+    shown = {
+        token.pk: response.context["cl"].model_admin.is_active(token) for token in response.context["cl"].result_list
+    }
+    assert shown == {before.pk: False, after.pk: True}
+
+
+def test_sign_out_everywhere_revokes_every_token_and_ends_every_session(staff, staffer, alice, bob):
+    tokens = [token_issue(user=alice)[1] for _ in range(2)]
+    _, bobs = token_issue(user=bob)
+    alice.is_staff = True
+    alice.save()
+    alices_admin = Client()
+    alices_admin.force_login(alice)
+
+    response = staff.post(
+        reverse("admin:auth_user_changelist"), {"action": "sign_out_everywhere", "_selected_action": [alice.pk]}
+    )
+
+    assert response.status_code == 302
+    assert all(Token.objects.get(pk=token.pk).revoked_at is not None for token in tokens)
+    assert Token.objects.get(pk=bobs.pk).revoked_at is None
+    assert alices_admin.get(RECORDINGS).status_code == 302  # to the login page
+    assert staff.get(RECORDINGS).status_code == 200
+    events = AuditEvent.objects.filter(action="token_revoked")
+    assert [(event.user_id, event.username) for event in events] == [(staffer.pk, "staffer")] * 2
+
+
 # The audit trail: read-only for everyone
 
 

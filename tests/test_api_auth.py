@@ -10,6 +10,8 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.test import AsyncClient
+from django.urls import reverse
 
 from clinical.api import BAD_CREDENTIALS
 from clinical.models import AuditEvent, ChangeSequence, Token
@@ -50,6 +52,8 @@ async def call_every_protected_endpoint(api, recording_id, headers: dict) -> dic
         "get": await api.get(path, headers=headers),
         "patch": await api.patch(path, {"version": 1, "title": "changed"}, headers=headers),
         "delete": await api.delete(path, headers=headers),
+        "tokens": await api.get("/auth/tokens", headers=headers),
+        "revoke-one": await api.delete("/auth/tokens/999999", headers=headers),
         "revoke": await api.delete("/auth/token", headers=headers),
     }
 
@@ -321,6 +325,8 @@ async def test_a_good_token_passes_every_protected_endpoint(api, alice, make_rec
         "get": 200,
         "patch": 200,
         "delete": 204,
+        "tokens": 200,
+        "revoke-one": 404,
         "revoke": 204,
     }
 
@@ -403,6 +409,8 @@ async def test_openapi_lists_every_endpoint(api):
     assert {path: set(operations) for path, operations in paths.items()} == {
         "/api/health": {"get"},
         "/api/auth/token": {"post", "delete"},
+        "/api/auth/tokens": {"get"},
+        "/api/auth/tokens/{token_id}": {"delete"},
         "/api/recordings": {"get", "post"},
         "/api/recordings/{recording_id}": {"get", "patch", "delete"},
         "/api/sync/changes": {"get"},
@@ -464,3 +472,89 @@ async def test_a_server_error_stands_and_a_success_without_a_check_is_refused(al
     assert await answer_unchecked(SimpleNamespace(auth=UncheckedToken("x" * 43)), unavailable) is unavailable
     with pytest.raises(RuntimeError, match="as_user"):
         await answer_unchecked(SimpleNamespace(auth=UncheckedToken("x" * 43)), success)
+
+
+# A password change revokes the user's tokens; clinicians list and revoke their own
+
+
+async def test_a_password_changed_in_the_shell_refuses_the_old_tokens(api, alice):
+    token = await api.token_for(alice)
+    assert (await api.get("/recordings", token=token)).status_code == 200
+
+    alice.set_password("a brand new passphrase")
+    await alice.asave()
+
+    assert (await api.get("/recordings", token=token)).status_code == 401
+    assert (await api.get("/auth/tokens", token=token)).status_code == 401
+    fresh = await api.post("/auth/token", {"username": "alice", "password": "a brand new passphrase"})
+    assert (await api.get("/recordings", token=fresh.json()["token"])).status_code == 200
+
+
+async def test_a_password_changed_in_the_admin_refuses_the_old_tokens(api, alice, make_user):
+    token = await api.token_for(alice)
+    staffer = await sync_to_async(make_user)("staffer", is_staff=True, is_superuser=True)
+    client = AsyncClient()
+    await client.aforce_login(staffer)
+    url = reverse("admin:auth_user_password_change", args=[alice.pk])
+    new = "another long passphrase 42"
+
+    response = await client.post(url, {"password1": new, "password2": new, "usable_password": "true"})
+
+    assert response.status_code == 302
+    assert (await api.get("/recordings", token=token)).status_code == 401
+
+
+async def test_the_token_list_shows_own_live_tokens_without_their_secret(api, alice, bob):
+    first = (await api.post("/auth/token", {"username": "alice", "password": PASSWORD})).json()["token"]
+    second = (await api.post("/auth/token", {"username": "alice", "password": PASSWORD})).json()["token"]
+    revoked = (await api.post("/auth/token", {"username": "alice", "password": PASSWORD})).json()["token"]
+    await api.delete("/auth/token", token=revoked)
+    await api.token_for(bob)
+
+    response = await api.get("/auth/tokens", token=second)
+
+    items = response.json()["items"]
+    assert response.status_code == 200
+    assert [item["current"] for item in items] == [True, False]
+    assert {item["id"] for item in items} == {
+        token.pk async for token in Token.objects.filter(key_hash__in=[sha256(first), sha256(second)])
+    }
+    assert set(items[0]) == {"id", "created_at", "last_used_at", "expires_at", "current"}
+    assert first not in response.text and sha256(first) not in response.text
+
+
+async def test_a_clinician_revokes_a_lost_devices_token_and_keeps_their_own(api, alice):
+    tablet = (await api.post("/auth/token", {"username": "alice", "password": PASSWORD})).json()["token"]
+    phone = (await api.post("/auth/token", {"username": "alice", "password": PASSWORD})).json()["token"]
+    tablet_id = (await Token.objects.aget(key_hash=sha256(tablet))).pk
+
+    response = await api.delete(f"/auth/tokens/{tablet_id}", token=phone)
+
+    assert response.status_code == 204
+    assert (await api.get("/recordings", token=tablet)).status_code == 401
+    assert (await api.get("/recordings", token=phone)).status_code == 200
+    assert await AuditEvent.objects.filter(action="token_revoked", username="alice").acount() == 1
+
+
+@pytest.mark.parametrize("token_id", ["other", "unknown", "huge"])
+async def test_another_users_token_cannot_be_revoked_and_answers_404(api, alice, bob, token_id):
+    bobs = await api.token_for(bob)
+    ids = {
+        "other": (await Token.objects.aget(key_hash=sha256(bobs))).pk,
+        "unknown": 10_000,
+        "huge": 2**63 - 1,
+    }
+    await api.get("/auth/tokens", user=alice)  # its first use is stamped
+    before = await snapshot()
+
+    response = await api.delete(f"/auth/tokens/{ids[token_id]}", user=alice)
+
+    assert response.status_code == 404
+    assert await snapshot() == before
+    assert (await api.get("/recordings", token=bobs)).status_code == 200
+
+
+async def test_a_token_id_out_of_range_is_a_422(api, alice):
+    response = await api.delete(f"/auth/tokens/{2**64}", user=alice)
+
+    assert response.status_code == 422

@@ -12,7 +12,8 @@ from django.utils import timezone
 
 from clinical.api import TOO_MANY_FAILURES
 from clinical.asgi import application
-from clinical.models import AuditEvent, Token
+from clinical.models import AuditEvent, LoginAttempt, Token
+from tests.server import Server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -44,11 +45,9 @@ async def fail(client, username: str, times: int) -> list[int]:
 
 
 async def failures_at(at, username: str, ip: str = "127.0.0.1", count: int = 5) -> None:
-    """Failed logins that happened at `at`: the trail is append-only, so they are written with their time."""
+    """Failed logins that started at `at`, as the throttle records them."""
     for _ in range(count):
-        await AuditEvent.objects.acreate(
-            at=at, username=username, action="login_failed", client_ip=ip, outcome="failed"
-        )
+        await LoginAttempt.objects.acreate(started_at=at, username=username, client_ip=ip, outcome="failed")
 
 
 def retry_after(response) -> int:
@@ -264,3 +263,45 @@ async def test_admin_and_api_failures_count_together(staffer):
     assert admin_answer.status_code == 200
     assert (await admin.get("/admin/")).status_code == 302
     assert await outcomes("staffer") == ["failed"] * 5 + ["throttled"] * 2
+
+
+# A burst: every attempt counts from the moment it starts
+
+
+async def test_a_burst_of_attempts_for_one_user_is_held_to_the_limit(alice):
+    async with client_from("127.0.0.1") as client:
+        wrong = [login(client, "alice", "wrong") for _ in range(15)]
+        answers = await asyncio.gather(*wrong, login(client, "alice"))
+
+    statuses = [response.status_code for response in answers]
+    assert statuses.count(429) >= len(answers) - 5
+    assert len([status for status in statuses if status != 429]) <= 5
+    assert await Token.objects.acount() == statuses.count(201)
+    assert await LoginAttempt.objects.exclude(outcome="pending").acount() == len(answers) - statuses.count(429)
+
+
+async def test_a_burst_from_one_address_is_held_to_its_limit(make_user):
+    async with client_from("10.7.7.7") as client:
+        answers = await asyncio.gather(*[login(client, f"guess{number}", "wrong") for number in range(30)])
+
+    statuses = [response.status_code for response in answers]
+    assert statuses.count(401) == 20
+    assert statuses.count(429) == 10
+
+
+def test_a_burst_across_two_workers_is_held_to_the_limit(tmp_path):
+    server = Server(tmp_path, args=("--workers", "2"))
+    server.prepare("alice", iterations=100_000)  # a hash slow enough for the attempts to overlap
+
+    with server:
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                body = {"username": "alice", "password": "wrong"}
+                return await asyncio.gather(*[client.post("/api/auth/token", json=body) for _ in range(16)])
+
+        answers = asyncio.run(burst())
+
+    statuses = [response.status_code for response in answers]
+    assert statuses.count(401) == 5
+    assert statuses.count(429) == 11
