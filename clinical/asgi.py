@@ -1,19 +1,20 @@
-"""ASGI entry point: Django on one database thread, behind a request-body limit.
+"""ASGI entry point: the API on one database thread, behind a request-body limit.
 
 Django wraps every request in its own ThreadSensitiveContext, which gives each
 request a fresh thread for its sync code (the ORM included), and so a fresh
-database connection. Here all sync code runs, in arrival order, on one
+database connection. Here the API's sync code runs, in arrival order, on one
 long-lived thread with one long-lived SQLite connection: SQLite takes one
 writer at a time anyway, and a FIFO queue in front of it is fair, so no
 request starves on the busy timeout. Several worker processes still share the
-database safely through SQLite's own locking.
+database safely through SQLite's own locking. The admin and the API's docs
+keep Django's thread per request: nothing slow runs on the database thread.
 """
 
 import gc
 import os
 
 import django
-from asgiref.sync import sync_to_async
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.conf import settings
 from django.core import signals
 from django.core.exceptions import RequestAborted
@@ -27,6 +28,7 @@ django.setup(set_prefix=False)
 from clinical.connections import keep_connections_across_requests  # noqa: E402
 from clinical.middleware import API_PREFIX  # noqa: E402
 
+API_DOCS = {f"{API_PREFIX}docs", f"{API_PREFIX}openapi.json"}
 TOO_LARGE = b'{"detail": "The request body is larger than 2 MiB."}'
 BAD_LENGTH = b'{"detail": "The Content-Length header is not a number."}'
 
@@ -47,10 +49,19 @@ class ClinicalASGIHandler(ASGIHandler):
         await self.handle(scope, receive, send)
 
     async def handle(self, scope, receive, send) -> None:
-        if not scope["path"].startswith(API_PREFIX):
-            await super().handle(scope, receive, send)
+        path = scope["path"]
+        if path.startswith(API_PREFIX) and path not in API_DOCS:
+            await self.handle_api(scope, receive, send)
             return
-        await self.handle_api(scope, receive, send)
+        # The admin and the API's docs: their slow work (a password hash, a
+        # large page) must never hold up the database thread, so their sync
+        # code runs on a thread of the request's own, as Django does it, with
+        # a connection opened for the request and closed after it.
+        async with ThreadSensitiveContext():
+            try:
+                await super().handle(scope, receive, send)
+            finally:
+                await sync_to_async(connections.close_all)()
 
     async def handle_api(self, scope, receive, send) -> None:
         """Django's handle() for the API, leaner: no disconnect watcher, no thread hop to close.
