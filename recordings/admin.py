@@ -4,8 +4,10 @@ import json
 
 from django import forms
 from django.contrib import admin, messages
+from django.db import transaction
 from django.utils.html import format_html
 
+from clinical.audit import audit_reads
 from clinical.requests import client_ip
 from recordings.models import TRANSITIONS, Recording
 from recordings.services import (
@@ -83,6 +85,27 @@ class RecordingAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # recordings come from clinicians' devices
+
+    # Every display of a recording's content is a read of patient data: audited
+    # as the API's reads are, one event per recording shown, before the page goes.
+
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        listed = getattr(response, "context_data", None) or {}
+        if "cl" in listed:
+            self._audit_shown(request, [recording.pk for recording in listed["cl"].result_list])
+        return response
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        response = super().change_view(request, object_id, form_url, extra_context)
+        shown = (getattr(response, "context_data", None) or {}).get("original")
+        if response.status_code == 200 and shown is not None:
+            self._audit_shown(request, [shown.pk])
+        return response
+
+    def _audit_shown(self, request, recording_ids: list) -> None:
+        with transaction.atomic():
+            audit_reads(actor=request.user, recording_ids=recording_ids, ip=client_ip(request))
 
     def get_readonly_fields(self, request, obj=None):
         if obj is not None and obj.deleted_at is not None:

@@ -535,3 +535,46 @@ def test_nobody_gets_in_without_logging_in(alice):
 
     assert response.status_code == 302
     assert response["Location"].startswith("/admin/login/")
+
+
+# Staff reads are audited like the API's
+
+
+def test_the_list_audits_a_read_of_each_recording_shown(staff, staffer, alice):
+    recordings = [create(alice, patient_ref=f"PAT-{number}") for number in range(3)]
+
+    response = staff.get(RECORDINGS)
+
+    reads = AuditEvent.objects.filter(action="read")
+    assert sorted(shown(response)) == sorted(r.pk for r in recordings)
+    assert sorted(event.recording_id for event in reads) == sorted(r.pk for r in recordings)
+    assert {(event.user_id, event.client_ip) for event in reads} == {(staffer.pk, "127.0.0.1")}
+
+
+def test_a_search_audits_only_what_it_shows(staff, alice):
+    found = create(alice, patient_ref="PAT-FOUND")
+    create(alice, patient_ref="PAT-OTHER")
+
+    staff.get(RECORDINGS, {"q": "PAT-FOUND"})
+
+    assert list(AuditEvent.objects.filter(action="read").values_list("recording_id", flat=True)) == [found.pk]
+
+
+def test_the_change_page_audits_a_read(staff, staffer, alice):
+    recording = create(alice)
+
+    response = staff.get(change_url(recording))
+
+    [read] = AuditEvent.objects.filter(action="read")
+    assert response.status_code == 200
+    assert (read.recording_id, read.user_id, read.username) == (recording.pk, staffer.pk, "staffer")
+
+
+def test_a_page_that_shows_no_recording_audits_no_read(staff, alice):
+    recording = create(alice)
+
+    staff.get(reverse("admin:recordings_recording_history", args=[recording.pk]))
+    staff.get(reverse("admin:recordings_recording_delete", args=[recording.pk]))
+    staff.get(change_url(Recording(pk="00000000-0000-0000-0000-000000000000")))
+
+    assert not AuditEvent.objects.filter(action="read").exists()
