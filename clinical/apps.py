@@ -9,3 +9,6 @@ class ClinicalConfig(AppConfig):
 
     def ready(self) -> None:
         from clinical import checks, sqlite  # noqa: F401  (registers the checks, connects the pragma receiver)
+        from clinical.files import make_private, private_paths
+
+        make_private(private_paths())
