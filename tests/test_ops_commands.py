@@ -28,7 +28,7 @@ from django.db import connection
 from django.utils import timezone
 
 from clinical.backups import NAME_PATTERN, BackupError, check_copy, prune
-from clinical.models import IdempotencyKey, Token
+from clinical.models import IdempotencyKey, LoginAttempt, Token
 from clinical.tokens import token_issue
 from recordings.models import Recording, Status
 from recordings.seeding import LIFE_CYCLE
@@ -414,6 +414,11 @@ def test_vacuumdb_shrinks_the_file_and_purges_what_expired(settings):
         )
         for age in (settings.CLINICAL_IDEMPOTENCY_TTL + timedelta(hours=1), timedelta(minutes=5))
     ]
+    window = timedelta(minutes=settings.CLINICAL_LOGIN_WINDOW_MINUTES)
+    attempts = [
+        LoginAttempt.objects.create(username="vacuum", started_at=now - age, outcome="failed")
+        for age in (window + timedelta(days=1, minutes=1), window)
+    ]
     wal = database.with_name(database.name + "-wal")
     size_before = database.stat().st_size
 
@@ -422,11 +427,12 @@ def test_vacuumdb_shrinks_the_file_and_purges_what_expired(settings):
     size_after = database.stat().st_size
     assert size_after < size_before / 2
     assert not wal.exists() or wal.stat().st_size == 0
-    assert "Purged 2 expired tokens and 1 expired idempotency keys." in out
+    assert "Purged 2 expired tokens, 1 expired idempotency keys and 1 old login attempts." in out
     assert f"Database: {size_before:,} -> {size_after:,} bytes; WAL: " in out
     assert re.search(r"WAL: [\d,]+ -> 0 bytes\.", out)
     assert list(Token.objects.values_list("pk", flat=True)) == [tokens[2].pk]
     assert list(IdempotencyKey.objects.values_list("pk", flat=True)) == [keys[1].pk]
+    assert list(LoginAttempt.objects.values_list("pk", flat=True)) == [attempts[1].pk]
     assert Recording.objects.filter(owner=owner).count() == 0
 
 

@@ -2,7 +2,7 @@
 
 Checkpoints and truncates the WAL, rebuilds the file (VACUUM), refreshes the
 query planner's statistics (PRAGMA optimize), and deletes expired tokens and
-idempotency keys. VACUUM needs a moment with no other writer: run it when the
+idempotency keys and old login attempts. VACUUM needs a moment with no other writer: run it when the
 clinic is quiet.
 """
 
@@ -11,6 +11,7 @@ from django.db import OperationalError, connection
 
 from clinical.backups import database_path
 from clinical.idempotency import idempotency_keys_purge
+from clinical.throttle import login_attempts_purge
 from clinical.tokens import tokens_purge_expired
 
 
@@ -21,6 +22,7 @@ class Command(BaseCommand):
         before = self._sizes()
         tokens = tokens_purge_expired()
         keys = idempotency_keys_purge()
+        attempts = login_attempts_purge()
         try:
             with connection.cursor() as cursor:
                 cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -31,7 +33,10 @@ class Command(BaseCommand):
             raise CommandError(f"Maintenance stopped: {exc}. Try again when the server is less busy.") from exc
         after = self._sizes()
         if verbosity >= 1:
-            self.stdout.write(f"Purged {tokens:,} expired tokens and {keys:,} expired idempotency keys.")
+            self.stdout.write(
+                f"Purged {tokens:,} expired tokens, {keys:,} expired idempotency keys"
+                f" and {attempts:,} old login attempts."
+            )
             self.stdout.write(
                 f"Database: {before[0]:,} -> {after[0]:,} bytes; WAL: {before[1]:,} -> {after[1]:,} bytes."
             )
