@@ -3,7 +3,9 @@
 from django.db.backends.signals import connection_created
 from django.dispatch import receiver
 
-PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000", "foreign_keys=ON")
+# secure_delete: what a delete or a change frees is overwritten with zeros, so a
+# deleted note does not linger in free pages of the file.
+PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000", "foreign_keys=ON", "secure_delete=ON")
 
 
 @receiver(connection_created)

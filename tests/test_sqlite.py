@@ -4,6 +4,7 @@ import sqlite3
 import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -13,10 +14,13 @@ from clinical.models import ChangeSequence
 from clinical.secret_key import load_or_create_secret_key
 
 
+PRODUCTION = {"journal_mode": "wal", "synchronous": 1, "busy_timeout": 5000, "foreign_keys": 1, "secure_delete": 1}
+
+
 def pragmas(conn) -> dict:
     with conn.cursor() as cursor:
         values = {}
-        for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys"):
+        for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys", "secure_delete"):
             cursor.execute(f"PRAGMA {name}")
             values[name] = cursor.fetchone()[0]
     return values
@@ -41,7 +45,7 @@ def test_the_connection_django_opened_has_the_production_pragmas():
 
     values = pragmas(connection)
 
-    assert values == {"journal_mode": "wal", "synchronous": 1, "busy_timeout": 5000, "foreign_keys": 1}
+    assert values == PRODUCTION
 
 
 @pytest.mark.django_db(transaction=True)
@@ -55,7 +59,7 @@ def test_every_new_connection_gets_the_pragmas():
     finally:
         fresh.close()
 
-    assert values == {"journal_mode": "wal", "synchronous": 1, "busy_timeout": 5000, "foreign_keys": 1}
+    assert values == PRODUCTION
 
 
 @pytest.mark.django_db(transaction=True)
@@ -72,7 +76,7 @@ def test_a_connection_in_another_thread_gets_the_pragmas():
     thread.start()
     thread.join(10)
 
-    assert found == {"journal_mode": "wal", "synchronous": 1, "busy_timeout": 5000, "foreign_keys": 1}
+    assert found == PRODUCTION
 
 
 # Write transactions
@@ -198,3 +202,19 @@ async def test_health_reports_wal_and_no_pending_migrations(api):
     assert response.json()["journal_mode"] == "wal"
     assert response.json()["pending_migrations"] == 0
     assert response.json()["status"] == "ok"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deleted_note_does_not_linger_in_the_database_file(alice):
+    from recordings.services import recording_create, recording_delete
+
+    secret = "lingering-transcript-" + "q" * 20_000  # overflow pages, freed on delete
+    recording, _ = recording_create(owner=alice, patient_ref="PAT-LINGER", transcript=secret)
+    recording_delete(owner=alice, recording_id=recording.pk)
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    database = Path(connection.settings_dict["NAME"]).read_bytes()
+
+    assert b"lingering-transcript-" not in database
+    assert b"PAT-LINGER" not in database
