@@ -9,6 +9,8 @@ import sys
 
 from uvicorn.main import main as uvicorn_command
 
+from clinical.protocol import timeouts_from
+
 
 def uvicorn_args(environ=os.environ) -> list[str]:
     """The options we put before the caller's."""
@@ -22,6 +24,11 @@ def uvicorn_args(environ=os.environ) -> list[str]:
         "--no-access-log",
         "--timeout-graceful-shutdown",
         "20",
+        # httptools (uvicorn's default) with deadlines for request headers and
+        # bodies: CLINICAL_HEADER_TIMEOUT_SECONDS, CLINICAL_BODY_IDLE_TIMEOUT_SECONDS,
+        # CLINICAL_BODY_TIMEOUT_SECONDS. An `--http` given after ours drops them.
+        "--http",
+        "clinical.protocol:TimedHttpToolsProtocol",
     ]
     # The client's address comes from X-Forwarded-For (and the scheme from
     # X-Forwarded-Proto) only when the peer is a proxy we were told to trust;
@@ -32,6 +39,10 @@ def uvicorn_args(environ=os.environ) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
+    try:
+        timeouts_from(os.environ)  # here, rather than as each worker's first connection fails
+    except ValueError as exc:
+        raise SystemExit(f"scripts/serve: {exc}") from None
     uvicorn_command.main(args=[*uvicorn_args(), *argv], prog_name="scripts/serve")
 
 
