@@ -7,6 +7,7 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
+from clinical.backups import sqlite_open
 from tests.server import REPO_ROOT, Server
 
 COMMAND_TIMEOUT = 120
@@ -14,9 +15,21 @@ COMMAND_TIMEOUT = 120
 
 def manage(db_path: Path, *args: str, **run_options) -> subprocess.CompletedProcess:
     """`manage.py *args` in a process of its own, on `db_path` (CLINICAL_DB_PATH), output captured as text."""
-    env = Server(Path(db_path).parent, db_path=db_path).env
     options = {"capture_output": True, "text": True, "timeout": COMMAND_TIMEOUT, **run_options}
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=REPO_ROOT, env=env, check=False, **options)
+    return subprocess.run(_manage_command(*args), cwd=REPO_ROOT, env=_manage_env(db_path), check=False, **options)
+
+
+def manage_started(db_path: Path, *args: str, **popen_options) -> subprocess.Popen:
+    """`manage.py *args` started on `db_path`, for a test that talks to it while it runs (a prompt)."""
+    return subprocess.Popen(_manage_command(*args), cwd=REPO_ROOT, env=_manage_env(db_path), **popen_options)
+
+
+def _manage_command(*args: str) -> list[str]:
+    return [sys.executable, "manage.py", *args]
+
+
+def _manage_env(db_path: Path) -> dict[str, str]:
+    return Server(Path(db_path).parent, db_path=db_path).env
 
 
 def query(db_path: Path, sql: str, params=()) -> list[tuple]:
@@ -24,8 +37,14 @@ def query(db_path: Path, sql: str, params=()) -> list[tuple]:
         return db.execute(sql, params).fetchall()
 
 
+def write(db_path: Path, sql: str, params=()) -> int:
+    """One statement, committed, as a change behind the server's back (an operator's shell); rows changed."""
+    with closing(sqlite3.connect(db_path, timeout=30)) as db, db:
+        return db.execute(sql, params).rowcount
+
+
 def integrity(db_path: Path) -> list[tuple]:
-    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+    with closing(sqlite_open(db_path, "ro")) as db:  # read only, whatever characters the path holds
         return db.execute("PRAGMA integrity_check").fetchall()
 
 

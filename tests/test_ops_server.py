@@ -243,7 +243,9 @@ async def test_restoredb_while_the_server_runs_puts_the_backup_back_and_devices_
 
         restored = await amanage(server, "restoredb", str(backup), "--yes", "--output-dir", str(output))
 
-        # The same server process, at once: no restart.
+        # The same server process, at once: no restart. Every token from before is refused: log in again.
+        refused = await client.get("/recordings")
+        client.headers["Authorization"] = f"Bearer {await asyncio.to_thread(server.login, 'bob')}"
         health = await client.get("/health")
         listed = await list_all(client)
         late_answers = [(await client.get(f"/recordings/{recording['id']}")).status_code for recording in late]
@@ -253,6 +255,7 @@ async def test_restoredb_while_the_server_runs_puts_the_backup_back_and_devices_
     assert backed_up[0] == 0, backed_up[2]
     assert restored[0] == 0, restored[2]
     assert server.running
+    assert refused.status_code == 401
     assert health.status_code == 200
     assert set(listed) == {recording["id"] for recording in early}
     assert listed[early[0]["id"]]["title"] == "early 0, as backed up"
@@ -289,6 +292,8 @@ async def test_restoredb_while_clients_write_no_device_misses_the_restored_state
             restored = await amanage(server, "restoredb", str(backup), "--yes", "--output-dir", str(output))
             stop.set()
             await syncing
+        # Every token from before the restore is refused: the device logs in again.
+        bob.headers["Authorization"] = f"Bearer {await asyncio.to_thread(server.login, 'bob')}"
         await device.sync()
         on_server = await list_all(bob)
 
@@ -310,5 +315,5 @@ async def test_restoredb_while_clients_write_no_device_misses_the_restored_state
     held = sorted({cursor for cursor in device.cursors if cursor >= renumbered[0]})[:3]
     assert stale == {}, f"bob's restored recordings went to {renumbered}; the device already held cursors {held}"
     assert [failure for failure in writers.failures if failure.startswith("500")] == []
-    assert device.failures == []
+    assert [failure for failure in device.failures if not failure.startswith("401")] == []
     assert "Traceback" not in server.log_text()

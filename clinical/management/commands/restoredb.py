@@ -1,24 +1,23 @@
 """restoredb: put a backup back, safely, even while the server runs.
 
-It refuses anything that is not a sound clinical database this code knows,
-backs up the current database first, restores through SQLite's backup API
-(never by copying files over an open database), migrates, and moves the sync
-change sequence past every number handed out before, so that devices pull
-the restored state.
+It copies FILE privately and checks that copy (a sound clinical database this
+code knows), asks, backs up the current database, restores the copy through
+SQLite's backup API (never by copying files over an open database), migrates,
+and moves the sync change sequence past every number handed out before, so
+that devices pull the restored state. Every token and admin session the
+backup brings back is ended, and each account keeps the password and status
+it had in the database replaced (clinical.restore).
 """
 
 import sys
 from pathlib import Path
 
 from django.conf import settings
-from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from clinical.backups import BackupError, create_backup, database_path, inspect_restore_source, restore_into
-from clinical.changes import restart_above, sequence_high_water
+from clinical.backups import BackupError
 from clinical.progress import stderr_progress
-
-RESTORE_GAP = 1_000_000
+from clinical.restore import Restored, database_restore
 
 
 class Command(BaseCommand):
@@ -31,34 +30,59 @@ class Command(BaseCommand):
 
     def handle(self, *args, file: Path, yes: bool, output_dir: Path, verbosity: int, **options):
         try:
-            inspect_restore_source(file)
+            restored = database_restore(
+                file,
+                output_dir=output_dir.absolute(),
+                confirm=None if yes else self._confirm,
+                progress=stderr_progress("Backing up", verbosity),
+                verbosity=verbosity,
+            )
         except BackupError as exc:
             raise CommandError(str(exc)) from exc
-        if not yes:
-            self._confirm(file)
-        try:
-            live = database_path()
-            if live.exists():
-                safety = create_backup(
-                    live, output_dir.absolute(), keep=None, progress=stderr_progress("Backing up", verbosity)
-                )
-                self.stdout.write(f"Backed up the current database to {safety.path} first.")
-            # Read right before the copy, and leave a wide gap: the server may
-            # hand out a few numbers in between, never a million.
-            high_water = (sequence_high_water() if live.exists() else 0) + RESTORE_GAP
-            restore_into(file, live)
-        except BackupError as exc:
-            raise CommandError(str(exc)) from exc
-        call_command("migrate", interactive=False, verbosity=max(verbosity - 1, 0))
-        renumbered = restart_above(high_water)
-        self.stdout.write(
-            self.style.SUCCESS(f"Restored {file}")
-            + f"; {renumbered:,} recordings will sync again to every device (changes from {high_water + 1:,} on)."
-        )
+        self._report(restored)
 
-    def _confirm(self, file: Path) -> None:
+    def _confirm(self, file: Path, live: Path) -> None:
         if not sys.stdin.isatty():
             raise CommandError("Refusing to restore without confirmation: run it on a terminal, or pass --yes.")
-        answer = input(f"Replace the database {database_path()} with {file}? Type 'yes' to go on: ")
+        answer = input(f"Replace the database {live} with {file}? Type 'yes' to go on: ")
         if answer.strip().lower() != "yes":
             raise CommandError("Nothing was restored.")
+
+    def _report(self, restored: Restored) -> None:
+        safety = restored.safety
+        if safety is not None and safety.damaged:
+            self.stdout.write(self.style.WARNING(f"The current database, damaged, was saved to {safety.path} first."))
+        elif safety is not None:
+            self.stdout.write(f"Backed up the current database to {safety.path} first.")
+        else:
+            self.stdout.write("There was no database to replace: nothing to back up, no account state to carry over.")
+        self.stdout.write(
+            f"Revoked {restored.tokens_revoked:,} tokens and ended {restored.sessions_ended:,} admin sessions: "
+            "everyone logs in again."
+        )
+        if restored.unreadable is not None:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"Could not read the accounts of the database replaced ({restored.unreadable}): passwords and "
+                    "account status are as in the backup, and recent failed logins no longer count. Check the "
+                    "accounts in the admin."
+                )
+            )
+        elif restored.safety is not None:
+            self.stdout.write(
+                f"Carried over the password and status of {restored.accounts_carried:,} accounts "
+                f"({restored.accounts_changed:,} changed since the backup) and {restored.attempts_carried:,} "
+                "recent login attempts from the database replaced."
+            )
+        if restored.accounts_not_replaced:
+            self.stdout.write(
+                self.style.WARNING(
+                    "These accounts were not in the database replaced (deleted since the backup?) and are back as "
+                    f"they were in it: {', '.join(restored.accounts_not_replaced)}. Deactivate any that should not be."
+                )
+            )
+        self.stdout.write(
+            self.style.SUCCESS(f"Restored {restored.file}")
+            + f"; {restored.renumbered:,} recordings will sync again to every device"
+            f" (changes from {restored.high_water + 1:,} on)."
+        )
