@@ -44,7 +44,6 @@ ISSUE_TOKEN = """
 import django
 django.setup()
 from django.contrib.auth import get_user_model
-from clinical.backups import sqlite_open
 from clinical.tokens import token_issue
 raw, _ = token_issue(user=get_user_model().objects.get(username="bench"))
 print(raw)
@@ -194,7 +193,8 @@ class Writers:
 
 def check_backup(path: Path, expected: set[str]) -> tuple[str, int, int]:
     """(integrity_check, rows, acknowledged recordings missing from the backup)."""
-    with closing(sqlite_open(path, "ro")) as db:
+    # A quoted URI: `#`, `?` or `%` in the path must name that path (clinical.backups.sqlite_uri).
+    with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)) as db:
         result = db.execute("PRAGMA integrity_check").fetchone()[0]
         ids = {row[0] for row in db.execute("SELECT id FROM recordings_recording")}
     return result, len(ids), len(expected - ids)
