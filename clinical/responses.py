@@ -1,10 +1,15 @@
 """JSON answers rendered by orjson from data we built ourselves."""
 
+import asyncio
+
 import orjson
 from django.http import HttpResponse
 
 # SQLite hands back datetimes in UTC without a zone: render them as UTC.
 JSON_OPTIONS = orjson.OPT_NAIVE_UTC
+# An answer holding more characters of text than this is built and rendered in
+# a worker thread; below it, the thread hop would cost more than the work.
+LARGE_ANSWER_CHARS = 256 * 1024
 DATABASE_UNAVAILABLE = "The database is unavailable right now; retry later."
 
 
@@ -26,3 +31,19 @@ def json_response(data, status: int = 200) -> HttpResponse:
     and services' results): validating it again would cost more than the query.
     """
     return HttpResponse(to_json(data), status=status, content_type="application/json")
+
+
+async def ajson_response(build, *, text: int) -> HttpResponse:
+    """json_response(build()), built and rendered off the event loop when `text` says the answer is large.
+
+    `text` is the characters of text the answer will hold. A large answer
+    would hold the event loop, and so every other request, for as long as it
+    takes to build and render; a small one is done on the loop, as json_response.
+    """
+    if text <= LARGE_ANSWER_CHARS:
+        return json_response(build())
+    return HttpResponse(await asyncio.to_thread(_render, build), content_type="application/json")
+
+
+def _render(build) -> bytes:
+    return to_json(build())

@@ -6,7 +6,7 @@ from ninja import Query, Router
 
 from clinical.idempotency import aidempotent
 from clinical.requests import client_ip
-from clinical.responses import json_response
+from clinical.responses import ajson_response, json_response
 from clinical.tokens import as_user
 from recordings.schemas import (
     ChangesOut,
@@ -39,8 +39,13 @@ async def create_recording(request, data: RecordingIn):
 
 @router.get("", response=RecordingList)
 async def list_recordings(request, filters: Query[RecordingFilters]):
-    """Your recordings, newest first, with how many match the filters in all."""
-    return json_response(await as_user(request, recording_list, ip=client_ip(request), **filters.model_dump()))
+    """Your recordings, newest first, with how many match the filters in all.
+
+    A page holds fewer than `limit` items when its recordings are large (the
+    page budget, at least one item a page): move `offset` on by the items you got.
+    """
+    page = await as_user(request, recording_list, ip=client_ip(request), **filters.model_dump())
+    return await ajson_response(page.build, text=page.text)
 
 
 @router.get("/{recording_id}", response=RecordingOut)
@@ -79,5 +84,8 @@ async def list_changes(request, query: Query[ChangesQuery]):
 
     Store `cursor` and ask again from it until `has_more` is false: every change
     is seen, once, at its latest state; deleted recordings come as tombstones.
+    A page holds fewer than `limit` changes when its recordings are large (the
+    page budget, at least one change a page), and then says `has_more`.
     """
-    return json_response(await as_user(request, changes_since, ip=client_ip(request), **query.model_dump()))
+    page = await as_user(request, changes_since, ip=client_ip(request), **query.model_dump())
+    return await ajson_response(page.build, text=page.text)
