@@ -9,7 +9,7 @@ from ninja import NinjaAPI, Path, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 from ninja.renderers import BaseRenderer
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from clinical.bodies import BadBody, parse_json
 from clinical.connections import on_db_thread
@@ -30,7 +30,7 @@ from clinical.tokens import (
 from recordings.api import router as recordings_router
 from recordings.api import sync_router
 from recordings.models import Recording
-from recordings.schemas import recording_data
+from recordings.schemas import no_nul, recording_data
 from recordings.services import RecordingConflict
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ api.add_router("/sync", sync_router)
 class Credentials(Schema):
     username: str = Field(max_length=150)
     password: str = Field(max_length=4096)
+
+    _no_nul = field_validator("username", "password")(no_nul)
 
 
 class TokenOut(Schema):

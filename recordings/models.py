@@ -50,6 +50,10 @@ TOMBSTONE_CLEARED = {
 RESULTS_TOO_LARGE = f"verification_results must serialize to at most {MAX_RESULTS_BYTES // 1024} KiB"
 RESULTS_NOT_JSON = "verification_results must be JSON: finite numbers, integers of at most 64 bits"
 RESULTS_TOO_DEEP = f"verification_results must not nest deeper than {MAX_RESULTS_DEPTH} levels"
+# PostgreSQL cannot store U+0000 in text or JSON: refused on both engines alike.
+NUL = "\x00"
+HAS_NUL = "must not contain the NUL character (U+0000)"
+RESULTS_NUL = f"verification_results {HAS_NUL}"
 
 
 def results_problem(value) -> str | None:
@@ -67,11 +71,15 @@ def results_problem(value) -> str | None:
         children = []
         for item in level:
             if isinstance(item, dict):
+                if any(NUL in key for key in item):
+                    return RESULTS_NUL
                 children.extend(item.values())
             elif isinstance(item, list):
                 children.extend(item)
         if any(isinstance(item, float) and not math.isfinite(item) for item in children):
             return RESULTS_NOT_JSON
+        if any(isinstance(item, str) and NUL in item for item in children):
+            return RESULTS_NUL
         level = [item for item in children if isinstance(item, (dict, list))]
     try:
         size = len(orjson.dumps(value))

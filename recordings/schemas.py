@@ -8,7 +8,7 @@ from uuid import UUID
 from ninja import Field, Schema
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from recordings.models import MAX_TRANSCRIPT, results_problem
+from recordings.models import HAS_NUL, MAX_TRANSCRIPT, NUL, results_problem
 
 MAX_OFFSET = 1_000_000_000
 MAX_CURSOR = 2**63 - 1
@@ -35,6 +35,12 @@ def clean_patient_ref(value: Any) -> Any:
     return value
 
 
+def no_nul(value: Any) -> Any:
+    if isinstance(value, str) and NUL in value:
+        raise ValueError(HAS_NUL)
+    return value
+
+
 def check_results(value: Any) -> Any:
     problem = results_problem(value)
     if problem:
@@ -58,6 +64,7 @@ class RecordingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     _patient_ref = field_validator("patient_ref", mode="before", check_fields=False)(clean_patient_ref)
+    _text = field_validator("title", "note_type", "audio_path", "transcript", "error", check_fields=False)(no_nul)
     _results = field_validator("verification_results", check_fields=False)(check_results)
     _recorded_at = field_validator("recorded_at", check_fields=False)(as_utc)
 
@@ -181,5 +188,7 @@ class ChangesQuery(Schema):
 class RecordingFilters(Schema):
     status: StatusName | None = None
     patient_ref: str | None = Field(None, max_length=64)
+
+    _patient_ref = field_validator("patient_ref")(no_nul)
     limit: int = Field(50, ge=1, le=200)
     offset: int = Field(0, ge=0, le=MAX_OFFSET)

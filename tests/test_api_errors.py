@@ -669,3 +669,38 @@ async def test_delete_with_a_bad_token_and_a_deep_body_is_a_401(api, alice, make
 
     assert_json_error(response, 401)
     assert (await Recording.objects.aget(pk=recording.id)).deleted_at is None
+
+
+# NUL (U+0000): PostgreSQL cannot store it, so both engines refuse it alike
+
+
+@pytest.mark.parametrize(
+    "field", ["patient_ref", "title", "note_type", "audio_path", "transcript", "error", "results-key", "results-value"]
+)
+async def test_text_with_nul_is_a_422_on_create_and_patch(api, alice, make_recording, field):
+    recording = await make_recording(owner=alice)
+    if field == "results-key":
+        change = {"verification_results": {"a\u0000b": 1}}
+    elif field == "results-value":
+        change = {"verification_results": [{"ok": ["x\u0000"]}]}
+    else:
+        change = {field: "before\u0000after"}
+
+    created = await api.post("/recordings", {"patient_ref": "PAT-2", **change}, user=alice)
+    patched = await api.patch(f"/recordings/{recording.id}", {"version": 1, **change}, user=alice)
+
+    assert_json_error(created, 422)
+    assert_json_error(patched, 422)
+    assert await Recording.objects.acount() == 1
+    assert (await Recording.objects.aget(pk=recording.id)).version == 1
+
+
+@pytest.mark.parametrize("where", ["username", "password", "filter"])
+async def test_nul_in_a_login_or_a_filter_is_a_422(api, alice, where):
+    if where == "filter":
+        response = await api.get("/recordings", params={"patient_ref": "PAT\u0000"}, user=alice)
+    else:
+        credentials = {"username": "alice", "password": "x", where: "ali\u0000ce"}
+        response = await api.post("/auth/token", credentials)
+
+    assert_json_error(response, 422)

@@ -342,7 +342,7 @@ async def test_get_and_list_answer_exactly_what_create_answered(api, alice):
             "small": -(2**63),
             "huge": 1e308,
             "tiny": 5e-324,
-            "text": "é\u0000\U0001f600",
+            "text": "é\u0001\U0001f600",
             "nested": [[{"none": None, "yes": True, "no": False}]],
             "empty": {},
             "list": [],
