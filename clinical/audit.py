@@ -109,7 +109,7 @@ def triggers_sql(vendor: str) -> list[str]:
         return [
             f"CREATE OR REPLACE FUNCTION {TABLE}_append_only() RETURNS trigger AS $$ "
             f"BEGIN RAISE EXCEPTION '{APPEND_ONLY}'; END $$ LANGUAGE plpgsql",
-            f"CREATE TRIGGER {TABLE}_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {TABLE} "
+            f"CREATE OR REPLACE TRIGGER {TABLE}_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {TABLE} "
             f"FOR EACH STATEMENT EXECUTE FUNCTION {TABLE}_append_only()",
         ]
     return []

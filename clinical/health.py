@@ -1,4 +1,4 @@
-"""Is the database usable: reachable, in WAL mode, with every migration applied."""
+"""Is the database usable: reachable, with every migration applied (and on SQLite, in WAL mode)."""
 
 import os
 from functools import cache
@@ -15,16 +15,21 @@ def migrations_on_disk() -> frozenset[tuple[str, str]]:
 
 
 def database_state() -> dict:
-    """{"ready": bool, ...details}; never raises."""
-    if connection.vendor == "sqlite" and not os.path.exists(connection.settings_dict["NAME"]):
-        return {"ready": False, "detail": "The database file is missing."}
+    """{"ready": bool, "engine": ..., ...details}; never raises."""
+    engine = {"sqlite": "sqlite", "postgresql": "postgresql"}.get(connection.vendor, connection.vendor)
+    if engine == "sqlite" and not os.path.exists(connection.settings_dict["NAME"]):
+        return {"ready": False, "engine": engine, "detail": "The database file is missing."}
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("PRAGMA journal_mode" if connection.vendor == "sqlite" else "SELECT 'n/a'")
-            journal_mode = cursor.fetchone()[0]
+        details = {"journal_mode": _journal_mode()} if engine == "sqlite" else {}
         applied = MigrationRecorder(connection).applied_migrations()
     except DatabaseError as exc:
-        return {"ready": False, "detail": f"The database is unusable: {exc}."}
+        return {"ready": False, "engine": engine, "detail": f"The database is unusable: {exc}."}
     pending = len(migrations_on_disk() - set(applied))
-    ready = pending == 0 and journal_mode in ("wal", "n/a")
-    return {"ready": ready, "journal_mode": journal_mode, "pending_migrations": pending}
+    ready = pending == 0 and details.get("journal_mode", "wal") == "wal"
+    return {"ready": ready, "engine": engine, **details, "pending_migrations": pending}
+
+
+def _journal_mode() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA journal_mode")
+        return cursor.fetchone()[0]

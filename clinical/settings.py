@@ -4,6 +4,9 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
 from clinical.secret_key import load_or_create_secret_key
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -26,22 +29,40 @@ SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or load_or_create_secret_key(DA
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
 
 DB_PATH = Path(os.environ.get("CLINICAL_DB_PATH") or DATA_DIR / "clinical.db").expanduser().absolute()
-DB_PATH.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+DATABASE_URL = os.environ.get("DATABASE_URL", "").strip()
 
-DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": DB_PATH,
-        # IMMEDIATE: a write transaction takes the write lock when it begins, so
-        # concurrent writers queue on the busy timeout instead of failing.
-        "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 5},
-        # Django's advice for ASGI; the server keeps its one database thread's
-        # connection open itself (clinical/connections.py).
-        "CONN_MAX_AGE": 0,
-        "ATOMIC_REQUESTS": False,
-        "TEST": {"NAME": DB_PATH.with_name(f"test_{DB_PATH.name}")},
+if DATABASE_URL:
+    # PostgreSQL, for several app servers on one database (psycopg 3).
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        raise ImproperlyConfigured("DATABASE_URL must name a PostgreSQL database: postgres://user@host:port/name")
+    # Threads that run the API's database work at once, each holding one
+    # connection of the pool (clinical/connections.py); the pool has room for
+    # the admin's and the commands' connections too.
+    CLINICAL_DB_THREADS = int(os.environ.get("CLINICAL_DB_THREADS", "4"))
+    CLINICAL_DB_POOL_SIZE = int(os.environ.get("CLINICAL_DB_POOL_SIZE", str(CLINICAL_DB_THREADS + 4)))
+    DATABASES["default"]["OPTIONS"] = {
+        **DATABASES["default"].get("OPTIONS", {}),
+        "pool": {"min_size": 1, "max_size": CLINICAL_DB_POOL_SIZE, "timeout": 10},
     }
-}
+else:
+    # SQLite, the embedded default: one file, one writer at a time, one database thread.
+    DB_PATH.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    CLINICAL_DB_THREADS = 1
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": DB_PATH,
+            # IMMEDIATE: a write transaction takes the write lock when it begins, so
+            # concurrent writers queue on the busy timeout instead of failing.
+            "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 5},
+            # Django's advice for ASGI; the server keeps its one database thread's
+            # connection open itself (clinical/connections.py).
+            "CONN_MAX_AGE": 0,
+            "ATOMIC_REQUESTS": False,
+            "TEST": {"NAME": DB_PATH.with_name(f"test_{DB_PATH.name}")},
+        }
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 INSTALLED_APPS = [
