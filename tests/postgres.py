@@ -107,6 +107,15 @@ class Cluster:
             raise ClusterError(f"{program} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
 
 
+def new_database(url: str, name: str) -> str:
+    """Create database `name` on the server `url` points at (its user may create databases); its URL."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return url.rsplit("/", 1)[0] + f"/{name}"
+
+
 def _unprivileged_user():
     if os.geteuid() != 0:
         return None

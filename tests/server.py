@@ -63,8 +63,17 @@ class Server:
         token = server.login("alice")
     """
 
-    def __init__(self, directory: Path, *, db_path: Path | None = None, args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        db_path: Path | None = None,
+        database_url: str | None = None,
+        args: tuple[str, ...] = (),
+    ):
+        """On SQLite (db_path, or directory/clinical.db), or on the PostgreSQL database `database_url` names."""
         self.directory = Path(directory)
+        self.database_url = database_url
         self.args = tuple(args)  # more uvicorn options, such as ("--workers", "2")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.db_path = Path(db_path) if db_path is not None else self.directory / "clinical.db"
@@ -76,13 +85,15 @@ class Server:
 
     @property
     def env(self) -> dict[str, str]:
-        env = {key: value for key, value in os.environ.items() if key != "DJANGO_DEBUG"}
+        env = {key: value for key, value in os.environ.items() if key not in ("DJANGO_DEBUG", "DATABASE_URL")}
         env.update(
             DJANGO_SETTINGS_MODULE="clinical.settings",
             DJANGO_SECRET_KEY=SECRET_KEY,
             CLINICAL_DB_PATH=str(self.db_path),
             PYTHONUNBUFFERED="1",
         )
+        if self.database_url is not None:
+            env["DATABASE_URL"] = self.database_url
         return env
 
     @property
