@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from clinical.audit import audit_reads
 from clinical.bodies import BadBody, parse_json
+from clinical.locks import serialise
 from clinical.models import IdempotencyKey
 from clinical.requests import client_ip
 from clinical.responses import to_json
@@ -83,6 +84,9 @@ def _run(user, work: Work) -> tuple[int, bytes]:
 
 def _run_once(user, key: str, fingerprint: str, work: Work, replay: Replay, ip) -> tuple[int, bytes, bool]:
     with transaction.atomic():
+        # The same key twice at once (two app servers on PostgreSQL): the second
+        # waits for the first to commit, then replays its answer.
+        serialise(f"idempotency:{user.pk}:{key}")
         stored = _stored(user, key)
         if stored is not None:
             if stored.fingerprint != fingerprint:

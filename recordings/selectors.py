@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
-from functools import partial, wraps
+from functools import cache, partial, wraps
 
 import orjson
 from django.conf import settings
@@ -208,6 +208,16 @@ def _api_id(value):
 
 
 def _json(value):
-    # The stored JSON text goes out as it is (Django reads JSON columns as text on
-    # SQLite and PostgreSQL alike); a driver that decodes JSON hands back objects.
-    return orjson.Fragment(value) if isinstance(value, (str, bytes)) else value
+    # Django reads JSON columns as text on SQLite and PostgreSQL alike; a driver
+    # that decodes JSON hands back objects.
+    if not isinstance(value, (str, bytes)):
+        return value
+    return orjson.Fragment(value) if _json_kept_as_written() else orjson.loads(value)
+
+
+@cache
+def _json_kept_as_written() -> bool:
+    # SQLite keeps the JSON text Django wrote: it goes out as it is. PostgreSQL's
+    # jsonb keeps the value, not the text (1e308 comes back as 309 digits), so its
+    # text is read as the client's JSON was, and written out by orjson.
+    return sql.db().vendor == "sqlite"

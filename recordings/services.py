@@ -11,6 +11,7 @@ from clinical import sql
 from clinical.audit import Action, audit_reads, audit_record
 from clinical.changes import next_change_seq
 from clinical.idempotency import idempotency_keys_drop
+from clinical.locks import serialise
 from recordings.models import INITIAL_STATUSES, TOMBSTONE_CLEARED, TRANSITIONS, Recording
 
 STALE_VERSION = "Stale version: the recording was changed since you read it."
@@ -44,6 +45,9 @@ def recording_create(
     """
     actor = actor or owner
     if id is not None:
+        # Two uploads of one id at once (two app servers on PostgreSQL): the
+        # second waits for the first to commit, then finds its recording.
+        serialise(f"recording:{id}")
         existing = Recording.objects.select_related("owner").filter(pk=id).first()
         if existing is not None:
             if existing.owner_id != owner.pk:
@@ -120,7 +124,7 @@ def recording_delete(*, owner, recording_id: uuid.UUID, actor=None, ip: str | No
     carried the recording go with it: nothing serves a deleted note again.
     """
     actor = actor or owner
-    recording = Recording.objects.filter(pk=recording_id, owner=owner).first()
+    recording = Recording.objects.select_for_update().filter(pk=recording_id, owner=owner).first()
     if recording is None:
         raise Recording.DoesNotExist
     if recording.deleted_at is not None:
@@ -170,4 +174,7 @@ def _validate(recording: Recording) -> None:
 
 
 def _get_live_for_update(owner, recording_id: uuid.UUID) -> Recording:
-    return Recording.objects.select_related("owner").get(pk=recording_id, owner=owner, deleted_at__isnull=True)
+    # Locked until the transaction ends (PostgreSQL; SQLite's IMMEDIATE transaction
+    # holds the write lock already): two patches of one version cannot both win.
+    live = Recording.objects.select_related("owner").select_for_update(of=("self",))
+    return live.get(pk=recording_id, owner=owner, deleted_at__isnull=True)

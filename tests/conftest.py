@@ -1,5 +1,7 @@
 """Shared fixtures: users, tokens, a recording factory and an API client over the real ASGI stack."""
 
+import os
+
 import httpx
 import pytest
 from asgiref.sync import sync_to_async
@@ -10,6 +12,33 @@ from clinical.asgi import application
 from clinical.audit import drop_triggers_sql, triggers_sql
 from clinical.tokens import token_issue
 from recordings.services import recording_create
+
+ENGINE = "postgresql" if os.environ.get("DATABASE_URL") else "sqlite"
+
+
+def pytest_report_header(config):
+    return f"database engine: {ENGINE} (scripts/test runs the suite on both; CLINICAL_TEST_ENGINE picks one)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests about one engine's own behaviour (files, pragmas, pg_dump) run on that engine only."""
+    for item in items:
+        for engine in ("sqlite", "postgresql"):
+            if item.get_closest_marker(f"{engine}_only") and engine != ENGINE:
+                item.add_marker(pytest.mark.skip(reason=f"about {engine} itself; this run is on {ENGINE}"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database_threads_let_go(django_db_setup, django_db_blocker):
+    """On PostgreSQL, the API's database threads keep their connections: end them before the test database goes."""
+    yield
+    if ENGINE != "postgresql":
+        return
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
 
 
 @pytest.fixture(autouse=True)

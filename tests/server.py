@@ -7,10 +7,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import closing
 from pathlib import Path
 
 import httpx
+
+from tests.postgres import new_database
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET_KEY = "server-process-tests-only-" + "k" * 40
@@ -71,8 +74,14 @@ class Server:
         database_url: str | None = None,
         args: tuple[str, ...] = (),
     ):
-        """On SQLite (db_path, or directory/clinical.db), or on the PostgreSQL database `database_url` names."""
+        """On SQLite (db_path, or directory/clinical.db), or on the PostgreSQL database `database_url` names.
+
+        When the suite itself runs on PostgreSQL (DATABASE_URL), a server given
+        neither gets a fresh database of its own on that server.
+        """
         self.directory = Path(directory)
+        if database_url is None and db_path is None and os.environ.get("DATABASE_URL"):
+            database_url = new_database(os.environ["DATABASE_URL"], f"server_{uuid.uuid4().hex[:16]}")
         self.database_url = database_url
         self.args = tuple(args)  # more uvicorn options, such as ("--workers", "2")
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -353,16 +353,25 @@ def refuse_audit_inserts():
     """From the call on, the database takes no new audit event; until the test ends."""
     name = "test_refuse_audit_insert"
 
-    def refuse():
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"CREATE TRIGGER {name} BEFORE INSERT ON {AuditEvent._meta.db_table} "
-                "BEGIN SELECT RAISE(ABORT, 'audit refused by the test'); END"
-            )
+    table = AuditEvent._meta.db_table
+    if connection.vendor == "sqlite":
+        create = [f"CREATE TRIGGER {name} BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, 'refused'); END"]
+        drop = [f"DROP TRIGGER IF EXISTS {name}"]
+    else:
+        create = [
+            f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ "
+            "LANGUAGE plpgsql",
+            f"CREATE TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {name}()",
+        ]
+        drop = [f"DROP TRIGGER IF EXISTS {name} ON {table}", f"DROP FUNCTION IF EXISTS {name}()"]
 
-    yield sync_to_async(refuse)
-    with connection.cursor() as cursor:
-        cursor.execute(f"DROP TRIGGER IF EXISTS {name}")
+    def run(statements):
+        with connection.cursor() as cursor:
+            for statement in statements:
+                cursor.execute(statement)
+
+    yield sync_to_async(lambda: run(create))
+    run(drop)
 
 
 async def test_a_write_whose_audit_event_fails_is_undone(api, alice, make_recording, refuse_audit_inserts):
