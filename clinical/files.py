@@ -20,8 +20,9 @@ SIDE_FILES = ("-wal", "-shm", "-journal")
 
 def private_paths() -> list[Path]:
     """The folders and files that hold patient data or the secret key."""
+    # The folders that are ours (never a shared one such as /tmp that CLINICAL_DB_PATH may name).
     database = Path(settings.DB_PATH)
-    paths = [settings.DATA_DIR, database.parent, database, *(database.with_name(database.name + s) for s in SIDE_FILES)]
+    paths = [settings.DATA_DIR, database, *(database.with_name(database.name + s) for s in SIDE_FILES)]
     paths.append(settings.BACKUP_DIR)
     for folder in (settings.DATA_DIR, settings.BACKUP_DIR):
         if folder.is_dir():
