@@ -168,8 +168,9 @@ CLINICAL_LOGIN_MAX_FAILURES_PER_USER = int(os.environ.get("CLINICAL_LOGIN_MAX_FA
 CLINICAL_LOGIN_MAX_FAILURES_PER_IP = int(os.environ.get("CLINICAL_LOGIN_MAX_FAILURES_PER_IP", "20"))
 CLINICAL_LOGIN_WINDOW_MINUTES = float(os.environ.get("CLINICAL_LOGIN_WINDOW_MINUTES", "15"))
 # A page of the list or the feed ends early, with fewer items than its limit,
-# once its recordings' text passes this many characters (at least one item a page).
-CLINICAL_PAGE_BUDGET = int(os.environ.get("CLINICAL_PAGE_BUDGET_CHARS", str(4 * 1024 * 1024)))
+# once its recordings' text would take more than this many bytes of JSON (at
+# least one item a page).
+CLINICAL_PAGE_BUDGET = int(os.environ.get("CLINICAL_PAGE_BUDGET_BYTES", str(4 * 1024 * 1024)))
 CLINICAL_TOKEN_TTL = timedelta(hours=float(os.environ.get("CLINICAL_TOKEN_TTL_HOURS", "12")))
 
 LOGGING = {

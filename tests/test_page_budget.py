@@ -9,6 +9,7 @@ import json
 import threading
 import uuid
 
+import orjson
 import pytest
 from asgiref.sync import sync_to_async
 
@@ -162,6 +163,26 @@ async def test_list_pages_are_bounded_and_reach_every_recording_once_by_the_item
     assert_within_budget([page["items"] for page in pages], budget)
 
 
+@pytest.mark.parametrize("character", ["\u0001", "\U0001f600", '"'], ids=["control", "emoji", "quote"])
+async def test_the_budget_is_bytes_of_json_whatever_the_characters(api, alice, settings, character):
+    settings.CLINICAL_PAGE_BUDGET = 200_000
+
+    def create():
+        for number in range(12):
+            recording_create(owner=alice, patient_ref=f"PAT-{number}", transcript=character * 30_000)
+
+    await sync_to_async(create)()
+
+    feed = await api.get("/sync/changes?since=0&limit=500", user=alice)
+    listed = await api.get("/recordings?limit=200", user=alice)
+
+    one_row = len(orjson.dumps(character * 30_000)) + 1_000
+    assert feed.json()["has_more"] is True
+    assert len(feed.content) <= 200_000 + one_row
+    assert len(listed.content) <= 200_000 + one_row
+    assert listed.json()["count"] == 12
+
+
 async def test_count_stays_every_match_when_the_budget_ends_a_page(api, alice, budget):
     matching = await make_large(alice, [200_000] * 3, prefix="MATCH")
     await make_large(alice, [200_000] * 2, prefix="OTHER")
@@ -232,7 +253,7 @@ async def test_a_large_page_is_rendered_off_the_event_loop_and_a_small_one_on_it
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    monkeypatch.delenv("CLINICAL_PAGE_BUDGET_CHARS", raising=False)
+    monkeypatch.delenv("CLINICAL_PAGE_BUDGET_BYTES", raising=False)
     server = Server(tmp_path / "server")
     server.prepare("alice")
     server.start()
