@@ -30,6 +30,7 @@ VARIABLES = {
     "header": "CLINICAL_HEADER_TIMEOUT_SECONDS",
     "body_idle": "CLINICAL_BODY_IDLE_TIMEOUT_SECONDS",
     "body": "CLINICAL_BODY_TIMEOUT_SECONDS",
+    "send": "CLINICAL_SEND_TIMEOUT_SECONDS",
 }
 TIMED_OUT = b"Request Timeout"
 
@@ -39,6 +40,10 @@ class Timeouts:
     header: float = 20.0  # from the connection opening, or a request's first byte, to the end of its headers
     body_idle: float = 30.0  # the longest silence within a body while the server is reading it
     body: float = 120.0  # from the end of the headers to the end of the body
+    # A client that stops reading its answer: an answer waiting to be sent is held
+    # in memory (a feed page is up to 4 MiB), so the connection goes after this
+    # long without the client taking any of it.
+    send: float = 30.0
 
 
 def timeouts_from(environ) -> Timeouts:
@@ -106,6 +111,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self.last_progress = 0.0
         self.held_since: float | None = None  # when the server stopped reading, if it has
         self.timer = None
+        self.send_timer = None
 
     # What the client sends, through uvicorn's hooks
 
@@ -116,7 +122,29 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_awaiting()
+        self.stop_send_timer()
         super().connection_lost(exc)
+
+    # What the client reads, through the transport's write buffer
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.send_timer is None:
+            self.send_timer = self.loop.call_later(self.timeouts.send, self.send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.stop_send_timer()
+
+    def stop_send_timer(self) -> None:
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def send_timed_out(self) -> None:
+        self.send_timer = None
+        logger.debug("Closing a connection: the client stopped reading its answer.")
+        self.transport.abort()  # drops the unsent answer with it
 
     def data_received(self, data: bytes) -> None:
         if self.awaiting is None:  # even blank lines before a request count against its headers

@@ -171,6 +171,8 @@ CLINICAL_LOGIN_WINDOW_MINUTES = float(os.environ.get("CLINICAL_LOGIN_WINDOW_MINU
 # once its recordings' text would take more than this many bytes of JSON (at
 # least one item a page).
 CLINICAL_PAGE_BUDGET = int(os.environ.get("CLINICAL_PAGE_BUDGET_BYTES", str(4 * 1024 * 1024)))
+# Password checks at once (logins, API and admin): 0 means one fewer than the cores.
+CLINICAL_PASSWORD_CHECKS = int(os.environ.get("CLINICAL_PASSWORD_CHECKS", "0"))
 CLINICAL_TOKEN_TTL = timedelta(hours=float(os.environ.get("CLINICAL_TOKEN_TTL_HOURS", "12")))
 
 LOGGING = {

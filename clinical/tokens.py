@@ -6,7 +6,6 @@ import logging
 import secrets
 from datetime import timedelta
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import SESSION_KEY, get_user_model
 from django.contrib.auth.hashers import check_password, make_password
@@ -21,6 +20,7 @@ from clinical import sql
 from clinical.audit import Action, audit_record
 from clinical.connections import on_db_thread
 from clinical.models import Token
+from clinical.passwords import ain_turn
 from clinical.responses import database_unavailable, json_response
 from clinical.throttle import login_attempt_end, login_attempt_start, login_failure_record
 
@@ -230,7 +230,7 @@ async def auser_authenticate(*, username: str, password: str):
     """
     user = await User.objects.filter(username=username).afirst()
     encoded = user.password if user is not None else None
-    valid = await sync_to_async(_check_password, thread_sensitive=False)(password, encoded)
+    valid = await ain_turn(_check_password, password, encoded)
     if valid and user.is_active:
         return user
     return None

@@ -13,21 +13,21 @@ import time
 
 import pytest
 
-from tests.server import REPO_ROOT, Server, clone_database, free_port
+from tests.server import REPO_ROOT, Server, free_port
 
 MIB = 1024 * 1024
 CLOSE_WITHIN = 6.0  # seconds: well past the timeouts below, well short of "forever"
 
 
 @pytest.fixture(scope="module")
-def template_db(tmp_path_factory):
+def template(tmp_path_factory):
     template = Server(tmp_path_factory.mktemp("template"))
     template.prepare("alice")
-    return template.db_path
+    return template
 
 
 @pytest.fixture
-def start_server(tmp_path, template_db, monkeypatch):
+def start_server(tmp_path, template, monkeypatch):
     """start_server(header=1, body_idle=1, body=3, args=()): a started server with these timeouts, in seconds."""
     servers = []
 
@@ -35,8 +35,7 @@ def start_server(tmp_path, template_db, monkeypatch):
         monkeypatch.setenv("CLINICAL_HEADER_TIMEOUT_SECONDS", str(header))
         monkeypatch.setenv("CLINICAL_BODY_IDLE_TIMEOUT_SECONDS", str(body_idle))
         monkeypatch.setenv("CLINICAL_BODY_TIMEOUT_SECONDS", str(body))
-        server = Server(tmp_path / f"server{len(servers)}", args=args)
-        clone_database(template_db, server.db_path)
+        server = Server(tmp_path / f"server{len(servers)}", template=template, args=args)
         servers.append(server)
         server.start()
         return server
@@ -208,3 +207,27 @@ def test_serve_refuses_a_timeout_that_is_not_a_positive_number(tmp_path):
 
     assert done.returncode != 0
     assert "CLINICAL_BODY_TIMEOUT_SECONDS must be a positive number of seconds" in done.stderr
+
+
+def test_a_client_that_stops_reading_its_answer_is_cut_off(start_server, monkeypatch):
+    monkeypatch.setenv("CLINICAL_SEND_TIMEOUT_SECONDS", "1")
+    server = start_server()
+    token = server.login("alice")
+    with server.client(token) as client:
+        for number in range(4):
+            big = {"patient_ref": f"PAT-{number}", "transcript": "x" * 500_000, "error": "y" * 1_000_000}
+            assert client.post("/recordings", json=big).status_code == 201
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer cannot all sit in our buffer
+    stalled.connect(("127.0.0.1", server.port))
+    stalled.sendall(request_head("GET", "/api/recordings?limit=200", token=token))
+
+    time.sleep(3)  # reading nothing, past the send timeout
+    received = read_until_closed(stalled, within=CLOSE_WITHIN)
+    with server.client(token) as client:
+        whole = client.get("/recordings?limit=200")
+
+    assert received is not None  # closed, not still open
+    assert len(received) < len(whole.content)
+    assert whole.status_code == 200
+    assert len(whole.json()["items"]) == 2  # the page budget: about 3 MB of the 6

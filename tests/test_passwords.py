@@ -1,0 +1,57 @@
+"""Password checks wait their turn in a small pool, the API's and the admin's alike."""
+
+import asyncio
+import os
+import threading
+import time
+
+import httpx
+import pytest
+from django.contrib.auth.hashers import MD5PasswordHasher
+from django.utils.module_loading import import_string
+
+from clinical.asgi import application
+from clinical.passwords import CHECKERS
+
+pytestmark = pytest.mark.django_db(transaction=True)
+HASHER = "tests.test_passwords.CountingHasher"
+
+
+class CountingHasher(MD5PasswordHasher):
+    """MD5, slowed down, counting how many checks run at once."""
+
+    lock = threading.Lock()
+    running = 0
+    most = 0
+
+    def verify(self, password, encoded):
+        with self.lock:
+            CountingHasher.running += 1
+            CountingHasher.most = max(CountingHasher.most, CountingHasher.running)
+        try:
+            time.sleep(0.05)
+            return super().verify(password, encoded)
+        finally:
+            with self.lock:
+                CountingHasher.running -= 1
+
+
+async def test_logins_never_check_more_passwords_at_once_than_the_pool_allows(make_user, settings):
+    settings.PASSWORD_HASHERS = [HASHER]
+    await asyncio.to_thread(make_user, "staffer", is_staff=True)
+    counting = import_string(HASHER)  # the class Django loads, whatever name pytest gave this module
+    counting.most = 0
+    transport = httpx.ASGITransport(app=application, client=("127.0.0.1", 4321))
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        await client.get("/admin/login/")
+        form = {"username": "staffer", "password": "wrong", "csrfmiddlewaretoken": client.cookies["csrftoken"]}
+        api = [client.post("/api/auth/token", json={"username": "staffer", "password": "wrong"}) for _ in range(4)]
+        admin = [client.post("/admin/login/", data=form) for _ in range(4)]
+        answers = await asyncio.gather(*api, *admin)
+
+    assert [answer.status_code for answer in answers[:4]] == [401] * 4
+    assert [answer.status_code for answer in answers[4:]].count(200) >= 1  # the form again: refused
+    # One fewer than the cores (the default), whatever else runs: a core is left to the API.
+    assert CHECKERS._max_workers == max(1, (os.cpu_count() or 2) - 1)
+    assert 1 <= counting.most <= CHECKERS._max_workers
