@@ -107,12 +107,13 @@ class Cluster:
             raise ClusterError(f"{program} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
 
 
-def new_database(url: str, name: str) -> str:
-    """Create database `name` on the server `url` points at (its user may create databases); its URL."""
+def new_database(url: str, name: str, *, template: str | None = None) -> str:
+    """Create database `name` (a copy of database `template`, if given) on the server `url` points at; its URL."""
     import psycopg
 
+    copy = f' TEMPLATE "{template}"' if template else ""
     with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
+        connection.execute(f'CREATE DATABASE "{name}"{copy}')
     return url.rsplit("/", 1)[0] + f"/{name}"
 
 

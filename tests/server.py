@@ -72,21 +72,29 @@ class Server:
         *,
         db_path: Path | None = None,
         database_url: str | None = None,
+        template: "Server | None" = None,
         args: tuple[str, ...] = (),
     ):
         """On SQLite (db_path, or directory/clinical.db), or on the PostgreSQL database `database_url` names.
 
         When the suite itself runs on PostgreSQL (DATABASE_URL), a server given
-        neither gets a fresh database of its own on that server.
+        neither gets a fresh database of its own on that server. With a
+        `template` (a prepared, stopped server), it starts from a copy of that
+        server's database, on the template's engine: migrating costs seconds.
         """
         self.directory = Path(directory)
-        if database_url is None and db_path is None and os.environ.get("DATABASE_URL"):
+        if template is not None and template.database_url is not None:
+            name = f"server_{uuid.uuid4().hex[:16]}"
+            database_url = new_database(template.database_url, name, template=template.database_url.rsplit("/", 1)[1])
+        elif database_url is None and db_path is None and template is None and os.environ.get("DATABASE_URL"):
             database_url = new_database(os.environ["DATABASE_URL"], f"server_{uuid.uuid4().hex[:16]}")
         self.database_url = database_url
         self.args = tuple(args)  # more uvicorn options, such as ("--workers", "2")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.db_path = Path(db_path) if db_path is not None else self.directory / "clinical.db"
         self.log_path = self.directory / "server.log"
+        if template is not None and template.database_url is None:
+            clone_database(template.db_path, self.db_path)
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
         self.starts = 0
@@ -116,6 +124,21 @@ class Server:
     @property
     def shm_path(self) -> Path:
         return self.db_path.with_name(self.db_path.name + "-shm")
+
+    @property
+    def engine(self) -> str:
+        return "sqlite" if self.database_url is None else "postgresql"
+
+    def query(self, statement: str, params=()) -> list[tuple]:
+        """Rows of one statement (%s placeholders) on the server's database, whichever the engine."""
+        if self.database_url is None:
+            with closing(sqlite3.connect(self.db_path)) as db, db:
+                return db.execute(statement.replace("%s", "?"), params).fetchall()
+        import psycopg
+
+        with psycopg.connect(self.database_url, autocommit=True) as db:
+            cursor = db.execute(statement, params)
+            return cursor.fetchall() if cursor.description else []
 
     # Preparing the database
 

@@ -13,11 +13,9 @@ CLINICAL_BROWSER_TESTS=0, which skips them.
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -104,7 +102,7 @@ def site(browser_ready, tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("admin-browser-server"))
     collectstatic(server)
     server.prepare(STAFF, CLINICIAN)
-    make_staff_superuser(server.db_path, STAFF)
+    make_staff_superuser(server, STAFF)
     server.start()
     try:
         token = server.login(CLINICIAN)
@@ -128,12 +126,11 @@ def collectstatic(server: Server) -> None:
     assert done.returncode == 0, f"collectstatic failed:\n{done.stdout}\n{done.stderr}"
 
 
-def make_staff_superuser(db_path: Path, username: str) -> None:
-    with closing(sqlite3.connect(db_path)) as db, db:
-        updated = db.execute(
-            "UPDATE auth_user SET is_staff = 1, is_superuser = 1 WHERE username = ?", (username,)
-        ).rowcount
-    assert updated == 1
+def make_staff_superuser(server: Server, username: str) -> None:
+    updated = server.query(
+        "UPDATE auth_user SET is_staff = TRUE, is_superuser = TRUE WHERE username = %s RETURNING id", (username,)
+    )
+    assert len(updated) == 1
 
 
 def seed_recordings(client: httpx.Client) -> dict[str, dict]:

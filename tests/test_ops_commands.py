@@ -35,6 +35,8 @@ from recordings.seeding import LIFE_CYCLE
 from tests.ops import CORRUPTIONS, break_an_index, integrity, manage, query, recording_ids, sha256
 from tests.server import Server, clone_database
 
+pytestmark = pytest.mark.sqlite_only  # SQLite's own files, pragmas and backup API
+
 SEEDED = 1_000
 NOT_A_DATABASE = b"this is not a SQLite database, only text where a backup should be\n" * 64
 TIME_FIELDS = ("recorded_at", "created_at", "updated_at", "audio_path")  # drawn relative to the time of the run

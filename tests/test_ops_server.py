@@ -17,6 +17,8 @@ import pytest
 from tests.ops import integrity, manage, query, recording_ids
 from tests.server import REPO_ROOT, Server, clone_database
 
+pytestmark = pytest.mark.sqlite_only  # SQLite's own files, pragmas and backup API
+
 USERS = ("alice", "bob", "carol", "dave")
 WRITERS = 8
 SEEDED = 5_000  # about 15 MB: the copy takes several steps of the backup API

@@ -19,6 +19,8 @@ from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from tests.ops import break_a_page, integrity, manage, manage_started, query, sha256, write
 from tests.server import PASSWORD, Server, clone_database
 
+pytestmark = pytest.mark.sqlite_only  # SQLite's own files, pragmas and backup API
+
 USERS = ("alice", "bob", "carol", "staffer")
 NEW_PASSWORD = "a-new-password-set-after-the-backup"
 PROMPT = b"Type 'yes' to go on: "

@@ -3,15 +3,14 @@
 import pytest
 
 from clinical.serve import uvicorn_args
-from tests.ops import query
 from tests.server import PASSWORD, Server
 
 FORGED = ["not-an-ip<script>", "198.51.100.7", "2001:db8::66"]
 
 
 def failed_login_addresses(server: Server) -> list:
-    rows = query(server.db_path, "SELECT client_ip FROM clinical_auditevent WHERE action = 'login_failed' ORDER BY id")
-    return [row[0] for row in rows]
+    rows = server.query("SELECT client_ip FROM clinical_auditevent WHERE action = 'login_failed' ORDER BY id")
+    return [None if row[0] is None else str(row[0]) for row in rows]
 
 
 def login(client, forwarded_for: str, password: str = "wrong"):

@@ -13,6 +13,8 @@ from django.db import connection, connections, transaction
 from clinical.models import ChangeSequence
 from clinical.secret_key import load_or_create_secret_key
 
+pytestmark = pytest.mark.sqlite_only  # SQLite's own files, pragmas and backup API
+
 PRODUCTION = {"journal_mode": "wal", "synchronous": 1, "busy_timeout": 5000, "foreign_keys": 1, "secure_delete": 1}
 
 

@@ -1,0 +1,65 @@
+"""Several server processes on one database: two app servers on PostgreSQL, `--workers 2` on either engine.
+
+32 clients write at once (creates and versioned patches of their own
+recordings), spread over the processes: nothing acknowledged is lost, nothing
+is done twice, no answer is a 5xx, and every change takes one change number.
+"""
+
+import asyncio
+import uuid
+
+import pytest
+
+from tests.server import Server
+from tests.test_server_process import CLIENTS, OPERATIONS, USERS, differences, list_all, run_client
+
+COLUMNS = ("version", "title", "status", "patient_ref")
+
+
+async def write_at_once(servers: list[Server], tokens: dict[str, str]) -> tuple[list, list[str]]:
+    owners = [USERS[index % len(USERS)] for index in range(CLIENTS)]
+    runs = [run_client(servers[index % len(servers)], tokens[owner], index) for index, owner in enumerate(owners)]
+    return list(zip(owners, await asyncio.gather(*runs), strict=True)), owners
+
+
+async def assert_every_write_kept(servers: list[Server], tokens: dict[str, str], results: list) -> None:
+    assert [failure for _, (_, failures) in results for failure in failures] == []
+    for server in servers:
+        assert "Traceback" not in server.log_text()
+        assert "database is locked" not in server.log_text().lower()
+    acknowledged = {username: {} for username in USERS}
+    for owner, (recordings, _) in results:
+        acknowledged[owner].update(recordings)
+    expected = {
+        key: {name: rec[name] for name in COLUMNS} for recs in acknowledged.values() for key, rec in recs.items()
+    }
+    rows = servers[0].query(f"SELECT id, {', '.join(COLUMNS)} FROM recordings_recording")
+    stored = {str(uuid.UUID(str(row[0]))): dict(zip(COLUMNS, row[1:], strict=True)) for row in rows}
+    assert differences(expected, stored) == []
+    assert sum(recording["version"] for recording in stored.values()) == CLIENTS * OPERATIONS
+    assert servers[0].query("SELECT value FROM clinical_changesequence") == [(CLIENTS * OPERATIONS,)]
+    for server in servers:  # each process sees every write
+        for username in USERS:
+            assert differences(acknowledged[username], await list_all(server, tokens[username])) == []
+
+
+@pytest.mark.postgresql_only
+async def test_two_app_servers_on_one_database_lose_nothing(tmp_path):
+    first = Server(tmp_path / "first")
+    first.prepare(*USERS)
+    second = Server(tmp_path / "second", database_url=first.database_url)
+
+    with first, second:
+        tokens = {username: first.login(username) for username in USERS}  # a token works on either
+        results, _ = await write_at_once([first, second], tokens)
+        await assert_every_write_kept([first, second], tokens, results)
+
+
+async def test_two_workers_lose_nothing(tmp_path):
+    server = Server(tmp_path / "server", args=("--workers", "2"))
+    server.prepare(*USERS)
+
+    with server:
+        tokens = {username: server.login(username) for username in USERS}
+        results, _ = await write_at_once([server], tokens)
+        await assert_every_write_kept([server], tokens, results)
