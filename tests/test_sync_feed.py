@@ -1,14 +1,13 @@
 """The sync feed, GET /api/sync/changes, and the change sequence behind its cursor."""
 
-import sqlite3
 import threading
-from contextlib import closing
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test import Client
 
+from clinical import sql
 from clinical.changes import next_change_seq
 from clinical.models import ChangeSequence
 from clinical.tokens import token_issue
@@ -23,7 +22,7 @@ WRITES_EACH = 15
 JSON = "application/json"
 FEED_SQL = (
     f"SELECT change_seq FROM {Recording._meta.db_table} "
-    "WHERE owner_id = ? AND change_seq > ? ORDER BY change_seq LIMIT 5"
+    "WHERE owner_id = %s AND change_seq > %s ORDER BY change_seq LIMIT 5"
 )
 # What a tombstone may carry: no patient, title, transcript or any other clinical content.
 TOMBSTONE_KEYS = {"id", "deleted", "owner", "version", "change_seq", "updated_at", "deleted_at"}
@@ -392,9 +391,10 @@ def test_a_number_is_only_taken_inside_a_write_transaction(transactional_db):
 
 def test_numbers_are_taken_in_commit_order_by_writers_on_separate_connections(alice):
     # Each writer thread has a database connection of its own, as several server
-    # processes would. The reader polls with the feed's condition on a raw sqlite3
-    # connection: a request through the Python stack polls too slowly to catch a
-    # number committed behind a cursor that has already moved past it.
+    # processes would (on PostgreSQL, several app servers). The reader polls with
+    # the feed's condition on the driver's connection of a thread of its own: a
+    # request through the Python stack polls too slowly to catch a number
+    # committed behind a cursor that has already moved past it.
     auth = {"HTTP_AUTHORIZATION": f"Bearer {token_issue(user=alice)[0]}"}
     writing = threading.Event()
     writing.set()
@@ -413,11 +413,14 @@ def test_numbers_are_taken_in_commit_order_by_writers_on_separate_connections(al
             connection.close()
 
     def read() -> None:
-        with closing(sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)) as db:
+        try:
+            db = sql.db()  # this thread's own connection, in autocommit: each poll sees what has committed
             while writing.is_set():
-                rows = db.execute(FEED_SQL, (alice.pk, cursor[0])).fetchall()
+                rows = sql.execute(db, FEED_SQL, (alice.pk, cursor[0])).fetchall()
                 seen.update(number for (number,) in rows)
                 cursor[0] = rows[-1][0] if rows else cursor[0]
+        finally:
+            connection.close()
 
     writers = [threading.Thread(target=write, args=(number,)) for number in range(WRITERS)]
     reader = threading.Thread(target=read)

@@ -7,17 +7,19 @@ from django.db import migrations, models
 
 
 def answers_know_their_recording(apps, schema_editor):
+    alias = schema_editor.connection.alias
     IdempotencyKey = apps.get_model("clinical", "IdempotencyKey")
     Recording = apps.get_model("recordings", "Recording")
-    for stored in IdempotencyKey.objects.exclude(body=b"").iterator():
+    keys = IdempotencyKey.objects.using(alias)
+    for stored in keys.exclude(body=b"").iterator():
         body = bytes(stored.body)
         try:
             recording_id = uuid.UUID(json.loads(body)["id"])
         except (ValueError, KeyError, TypeError):
             recording_id = None
-        IdempotencyKey.objects.filter(pk=stored.pk).update(recording_id=recording_id, size=len(body))
-    deleted = Recording.objects.filter(deleted_at__isnull=False).values("id")
-    IdempotencyKey.objects.filter(recording_id__in=deleted).delete()
+        keys.filter(pk=stored.pk).update(recording_id=recording_id, size=len(body))
+    deleted = Recording.objects.using(alias).filter(deleted_at__isnull=False).values("id")
+    keys.filter(recording_id__in=deleted).delete()
 
 
 class Migration(migrations.Migration):

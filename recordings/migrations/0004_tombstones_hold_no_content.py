@@ -17,17 +17,19 @@ CLEARED = {
 
 def clear_tombstones(apps, schema_editor):
     Recording = apps.get_model("recordings", "Recording")
-    Recording.objects.filter(deleted_at__isnull=False).update(**CLEARED)
+    Recording.objects.using(schema_editor.connection.alias).filter(deleted_at__isnull=False).update(**CLEARED)
 
 
 def admin_log_without_patient_text(apps, schema_editor):
+    alias = schema_editor.connection.alias
     LogEntry = apps.get_model("admin", "LogEntry")
     ContentType = apps.get_model("contenttypes", "ContentType")
-    kind = ContentType.objects.filter(app_label="recordings", model="recording").first()
+    kind = ContentType.objects.using(alias).filter(app_label="recordings", model="recording").first()
     if kind is None:
         return
-    for entry in LogEntry.objects.filter(content_type=kind).only("object_id").iterator():
-        LogEntry.objects.filter(pk=entry.pk).update(object_repr=f"Recording {entry.object_id}")
+    entries = LogEntry.objects.using(alias).filter(content_type=kind)
+    for entry in entries.only("object_id").iterator():
+        entries.filter(pk=entry.pk).update(object_repr=f"Recording {entry.object_id}")
 
 
 class Migration(migrations.Migration):
