@@ -1,4 +1,4 @@
-"""Hot backups and restores of the SQLite database through SQLite's online backup API.
+"""Hot backups, restores and maintenance of the SQLite database, through SQLite's online backup API.
 
 A backup copies the database in chunks of pages, for progress, while the
 source connection holds one read transaction: the copy is one consistent
@@ -8,6 +8,10 @@ under steady writes it never finishes.
 
 Every file is opened through sqlite_uri(), never by pasting a path into a
 `file:` URI: SQLite reads `#`, `?` and `%` there as URI syntax.
+
+database_operations() is the one place that chooses an engine: the commands
+and clinical.restore call what it returns (SQLiteDatabase here, or
+clinical.pg_backups.PostgresDatabase) and never look at the vendor.
 """
 
 import hashlib
@@ -17,20 +21,26 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode
 
-from django.db import connections
+from django.db import OperationalError, connection, connections
 from django.db.migrations.loader import MigrationLoader
+
+if TYPE_CHECKING:
+    from clinical.pg_backups import PostgresDatabase
 
 PAGES_PER_STEP = 1024
 NAME_PATTERN = re.compile(r"^clinical-(\d{8}T\d{6}Z)(?:-(\d+))?\.db$")
 DAMAGED_SUFFIX = "-damaged"  # outside NAME_PATTERN: never pruned, never taken for a checked backup
 CLINICAL_TABLES = {"django_migrations", "recordings_recording", "clinical_changesequence", "auth_user"}
 SIDE_FILES = ("-journal", "-wal", "-shm")
+SQLITE_MAGIC = b"SQLite format 3\x00"
+DUMP_MAGIC = b"PGDMP"  # pg_dump's custom format
 
 Progress = Callable[[int, int], None]  # (pages copied, pages in all)
 
@@ -49,6 +59,10 @@ class UnreadableDatabase(BackupError):
 
 class DamagedCopy(BackupError):
     """A copy that fails its integrity check."""
+
+
+class MaintenanceError(BackupError):
+    """Maintenance that stopped part way; the message says when to try again."""
 
 
 @dataclass
@@ -102,7 +116,7 @@ def create_backup(
             if not damaged_ok:
                 raise
             recordings = None
-        final = _publish(partial, output_dir, stamp + ("" if recordings is not None else DAMAGED_SUFFIX))
+        final = publish(partial, output_dir, stamp + ("" if recordings is not None else DAMAGED_SUFFIX))
     finally:
         _remove(partial)
     if keep is not None:
@@ -135,7 +149,7 @@ def copy_database(source: Path, target: Path, progress: Progress | None = None, 
             src.execute("COMMIT")
         except sqlite3.Error as exc:
             raise BackupError(f"The copy failed: {exc}. Nothing was written under a final name.") from exc
-    _fsync(target)
+    fsync(target)
 
 
 def _snapshot(source: Path, mode: str) -> sqlite3.Connection:
@@ -164,23 +178,84 @@ def check_copy(path: Path) -> int:
         raise DamagedCopy(f"The copy failed its integrity check ({exc}); it was discarded.") from exc
 
 
-def prune(output_dir: Path, keep: int, spare: Path | None = None) -> list[Path]:
-    """Delete this command's own backups beyond the newest `keep` (never `spare`); what went."""
-    ours = sorted((path for path in output_dir.iterdir() if NAME_PATTERN.match(path.name)), key=_age)
+def prune(output_dir: Path, keep: int, spare: Path | None = None, pattern: re.Pattern = NAME_PATTERN) -> list[Path]:
+    """Delete this command's own backups (names matching `pattern`) beyond the newest `keep`, never `spare`."""
+    ours = sorted(
+        (path for path in output_dir.iterdir() if pattern.match(path.name)), key=lambda path: _age(path, pattern)
+    )
     doomed = [path for path in (ours[:-keep] if keep else ours) if path != spare]
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed
 
 
-def _age(path: Path) -> tuple[str, int]:
-    stamp, suffix = NAME_PATTERN.match(path.name).groups()
+def _age(path: Path, pattern: re.Pattern) -> tuple[str, int]:
+    stamp, suffix = pattern.match(path.name).groups()
     return stamp, int(suffix or 1)
 
 
 def database_path() -> Path:
     """The file the default connection uses (the test database under pytest)."""
     return Path(connections["default"].settings_dict["NAME"])
+
+
+def database_operations() -> "SQLiteDatabase | PostgresDatabase":
+    """Backups, restores and maintenance for the default connection's engine: the one place that chooses."""
+    if connections["default"].vendor == "postgresql":
+        from clinical.pg_backups import PostgresDatabase  # it builds on this module
+
+        return PostgresDatabase(connections["default"])
+    return SQLiteDatabase(database_path())
+
+
+class SQLiteDatabase:
+    """The operations on the SQLite database file, as the commands and clinical.restore call them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def describe(self) -> str:
+        return f"SQLite database {self.path}"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def backup(
+        self, output_dir: Path, *, keep: int | None, progress: Progress | None = None, damaged_ok: bool = False
+    ) -> Backup:
+        return create_backup(self.path, output_dir, keep=keep, progress=progress, damaged_ok=damaged_ok)
+
+    def private_copy(self, file: Path, folder: Path):
+        return private_copy(file, folder)
+
+    def inspect_restore_source(self, copy: Path, *, shown_as: Path) -> set[tuple[str, str]]:
+        return inspect_restore_source(copy, shown_as=shown_as)
+
+    def restore(self, copy: Path) -> None:
+        restore_into(copy, self.path)
+
+    def sizes(self) -> list[tuple[str, int]]:
+        """(what, bytes): the file and its WAL."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        return [
+            (label, path.stat().st_size if path.exists() else 0)
+            for label, path in (("Database", self.path), ("WAL", wal))
+        ]
+
+    def maintain(self) -> None:
+        """Checkpoint and truncate the WAL, rebuild the file (VACUUM), refresh the planner's statistics."""
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                cursor.execute("VACUUM")
+                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                cursor.execute("PRAGMA optimize")
+        except OperationalError as exc:
+            raise MaintenanceError(f"Maintenance stopped: {exc}. Try again when the server is less busy.") from exc
 
 
 @contextmanager
@@ -194,16 +269,21 @@ def private_copy(file: Path, folder: Path) -> Iterator[tuple[Path, str]]:
     """
     if not file.is_file():
         raise BackupError(f"There is no file at {file}.")
+    if file_magic(file).startswith(DUMP_MAGIC):
+        raise BackupError(
+            f"{file} is a PostgreSQL backup (pg_dump's custom format), and this database is SQLite: restore it "
+            "where DATABASE_URL names a PostgreSQL database; it was not restored."
+        )
     descriptor, name = tempfile.mkstemp(prefix=".clinical-restore-", suffix=".db", dir=backup_folder(folder))
     os.close(descriptor)
     copy = Path(name)
     try:
-        identity, digest = _identity_and_digest(file)
+        identity, digest = identity_and_digest(file)
         try:
             copy_database(file, copy, read_only=True)
         except UnreadableDatabase as exc:
             raise BackupError(f"{file} is not a readable SQLite database ({exc.reason}); it was not restored.") from exc
-        if _identity(file.stat()) != identity:
+        if file_identity(file.stat()) != identity:
             raise BackupError(f"{file} changed while it was being read; it was not restored: restore a file at rest.")
         yield copy, digest
     finally:
@@ -229,10 +309,17 @@ def inspect_restore_source(path: Path, *, shown_as: Path | None = None) -> set[t
             applied = set(db.execute("SELECT app, name FROM django_migrations").fetchall())
     except sqlite3.DatabaseError as exc:
         raise BackupError(f"{name} is not a readable SQLite database ({exc}); it was not restored.") from exc
+    return known_migrations(applied, shown_as=name)
+
+
+def known_migrations(applied: set[tuple[str, str]], *, shown_as) -> set[tuple[str, str]]:
+    """`applied` (app, name) pairs when this code has every one of them; a BackupError naming the others."""
     unknown = applied - set(MigrationLoader(None, ignore_no_migrations=True).disk_migrations)
     if unknown:
         names = ", ".join(f"{app}.{name}" for app, name in sorted(unknown))
-        raise BackupError(f"{name} comes from a newer version of this code (migrations {names}); it was not restored.")
+        raise BackupError(
+            f"{shown_as} comes from a newer version of this code (migrations {names}); it was not restored."
+        )
     return applied
 
 
@@ -249,17 +336,27 @@ def restore_into(source: Path, live: Path) -> None:
         raise BackupError(f"The restore failed: {exc}.") from exc
 
 
-def _identity_and_digest(path: Path) -> tuple[tuple[int, ...], str]:
+def identity_and_digest(path: Path, copy_to: Path | None = None) -> tuple[tuple[int, ...], str]:
+    """The file's identity (file_identity) as opened, and the SHA-256 of what was read; a copy of it into `copy_to`."""
     digest = hashlib.sha256()
-    with path.open("rb") as file:
-        identity = _identity(os.fstat(file.fileno()))
+    with path.open("rb") as file, copy_to.open("wb") if copy_to else nullcontext() as copy:
+        identity = file_identity(os.fstat(file.fileno()))
         while chunk := file.read(1 << 20):
             digest.update(chunk)
+            if copy is not None:
+                copy.write(chunk)
     return identity, digest.hexdigest()
 
 
-def _identity(stat: os.stat_result) -> tuple[int, ...]:
+def file_identity(stat: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced or written to."""
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def file_magic(path: Path) -> bytes:
+    """The first bytes of a file, which say what kind of file it is."""
+    with path.open("rb") as file:
+        return file.read(len(SQLITE_MAGIC))
 
 
 def _remove(path: Path) -> None:
@@ -267,20 +364,22 @@ def _remove(path: Path) -> None:
         path.with_name(name).unlink(missing_ok=True)
 
 
-def _publish(partial: Path, output_dir: Path, stamp: str) -> Path:
+def publish(partial: Path, output_dir: Path, stamp: str, suffix: str = ".db") -> Path:
+    """Give a checked `partial` its final name, clinical-<stamp><suffix>, never replacing a file."""
     # link() never overwrites: two backups in the same second get -2, -3, ...
     for attempt in range(1, 100):
-        final = output_dir / (f"clinical-{stamp}.db" if attempt == 1 else f"clinical-{stamp}-{attempt}.db")
+        final = output_dir / (f"clinical-{stamp}{suffix}" if attempt == 1 else f"clinical-{stamp}-{attempt}{suffix}")
         try:
             os.link(partial, final)
         except FileExistsError:
             continue
-        _fsync(output_dir)
+        fsync(output_dir)
         return final
-    raise BackupError(f"Too many backups named clinical-{stamp}*.db in {output_dir}.")
+    raise BackupError(f"Too many backups named clinical-{stamp}*{suffix} in {output_dir}.")
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -10,6 +10,10 @@ security state and the throttle's recent attempts over from the database it
 replaces: read with the ORM before the restore, written with the ORM after
 it, so that the same code serves either engine. The restore is audited in
 the restored database, in the same transaction as the revocation.
+
+How a file is copied, checked and put back, and how the database it replaces
+is saved, is the engine's (clinical.backups.database_operations()); every
+step after that is the same on both.
 """
 
 import getpass
@@ -27,19 +31,9 @@ from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from clinical.audit import Action, audit_record
-from clinical.backups import (
-    Backup,
-    BackupError,
-    Progress,
-    UnreadableDatabase,
-    create_backup,
-    database_path,
-    inspect_restore_source,
-    private_copy,
-    restore_into,
-)
+from clinical.backups import Backup, BackupError, Progress, UnreadableDatabase, database_operations
 from clinical.changes import restart_above, sequence_high_water
-from clinical.models import LoginAttempt, Token
+from clinical.models import ChangeSequence, LoginAttempt, Token
 
 # Devices hold cursors up to the replaced database's high water; the server may
 # hand out a few numbers between reading it and the restore, never a million.
@@ -47,7 +41,7 @@ RESTORE_GAP = 1_000_000
 ACCOUNT_FIELDS = ("password", "is_active", "is_staff", "is_superuser")
 User = get_user_model()
 
-Confirm = Callable[[Path, Path], None]  # (file, live database): returns to go on, raises to stop
+Confirm = Callable[[Path, str], None]  # (file, the live database's name): returns to go on, raises to stop
 
 
 @dataclass
@@ -89,14 +83,14 @@ def database_restore(
     verbosity: int = 1,
 ) -> Restored:
     """Check a private copy of `file`, ask, save the live database, restore the copy, migrate, secure."""
-    live = database_path()
-    with private_copy(file, output_dir) as (copy, digest):
-        inspect_restore_source(copy, shown_as=file)
+    live = database_operations()
+    with live.private_copy(file, output_dir) as (copy, digest):
+        live.inspect_restore_source(copy, shown_as=file)
         if confirm is not None:
-            confirm(file, live)
+            confirm(file, live.name)
         safety, state, replaced_high_water = _replaced_save(live, output_dir, progress)
         try:
-            restore_into(copy, live)
+            live.restore(copy)
         except BackupError as exc:
             saved = f" The database as it was is saved at {safety.path}." if safety else ""
             raise BackupError(f"{exc}{saved}") from exc
@@ -105,15 +99,15 @@ def database_restore(
     return restored_secure(restored, state)
 
 
-def _replaced_save(live: Path, output_dir: Path, progress: Progress | None) -> tuple[Backup | None, SecurityState, int]:
+def _replaced_save(live, output_dir: Path, progress: Progress | None) -> tuple[Backup | None, SecurityState, int]:
     # Read right before the restore: what changes after it is lost with the rest.
     if not live.exists():
         return None, SecurityState(), 0
     try:
-        safety = create_backup(live, output_dir, keep=None, progress=progress, damaged_ok=True)
+        safety = live.backup(output_dir, keep=None, progress=progress, damaged_ok=True)
     except UnreadableDatabase as exc:
         raise BackupError(
-            f"The current database {live} cannot be read ({exc.reason}), so it cannot be saved before it is "
+            f"The current database {live.name} cannot be read ({exc.reason}), so it cannot be saved before it is "
             "replaced: move it aside, then restore again. Nothing was restored."
         ) from exc
     state = security_state_read()
@@ -147,6 +141,9 @@ def security_state_read() -> SecurityState:
 def restored_secure(restored: Restored, state: SecurityState) -> Restored:
     """After the restore and migrate: renumber, revoke, end, carry over, audit; one transaction."""
     with transaction.atomic():
+        # Where writers run side by side (PostgreSQL), a write could take a number, or commit one, between
+        # the renumbering's read and its update: hold the sequence's row, as every write does, till the end.
+        list(ChangeSequence.objects.select_for_update().filter(pk=1))
         restored.renumbered = restart_above(restored.high_water)
         now = timezone.now()
         restored.tokens_revoked = Token.objects.filter(revoked_at__isnull=True, expires_at__gt=now).update(

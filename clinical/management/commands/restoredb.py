@@ -1,12 +1,14 @@
 """restoredb: put a backup back, safely, even while the server runs.
 
 It copies FILE privately and checks that copy (a sound clinical database this
-code knows), asks, backs up the current database, restores the copy through
-SQLite's backup API (never by copying files over an open database), migrates,
-and moves the sync change sequence past every number handed out before, so
-that devices pull the restored state. Every token and admin session the
-backup brings back is ended, and each account keeps the password and status
-it had in the database replaced (clinical.restore).
+code knows), asks, backs up the current database, restores the copy (SQLite:
+through SQLite's backup API, never by copying files over an open database;
+PostgreSQL: a pg_dump file, put back by pg_restore in one transaction that the
+server's connections wait for), migrates, and moves the sync change sequence
+past every number handed out before, so that devices pull the restored state.
+Every token and admin session the backup brings back is ended, and each
+account keeps the password and status it had in the database replaced
+(clinical.restore).
 """
 
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from clinical.backups import BackupError
+from clinical.backups import BackupError, database_operations
 from clinical.progress import stderr_progress
 from clinical.restore import Restored, database_restore
 
@@ -29,6 +31,8 @@ class Command(BaseCommand):
         parser.add_argument("--output-dir", type=Path, default=settings.BASE_DIR / "backups")
 
     def handle(self, *args, file: Path, yes: bool, output_dir: Path, verbosity: int, **options):
+        if verbosity >= 1:
+            self.stdout.write(database_operations().describe())
         try:
             restored = database_restore(
                 file,
@@ -41,7 +45,7 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         self._report(restored)
 
-    def _confirm(self, file: Path, live: Path) -> None:
+    def _confirm(self, file: Path, live: str) -> None:
         if not sys.stdin.isatty():
             raise CommandError("Refusing to restore without confirmation: run it on a terminal, or pass --yes.")
         answer = input(f"Replace the database {live} with {file}? Type 'yes' to go on: ")
