@@ -235,8 +235,21 @@ class SQLiteDatabase:
     def inspect_restore_source(self, copy: Path, *, shown_as: Path) -> set[tuple[str, str]]:
         return inspect_restore_source(copy, shown_as=shown_as)
 
-    def restore(self, copy: Path) -> None:
+    def restore(self, copy: Path, *, secure: list[tuple[str, str, list]]) -> int:
+        """Put the copy in place, after running `secure` in it; how many admin sessions it held."""
+        try:
+            with _closing(sqlite_open(copy, "rw")) as db:
+                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                has_sessions = "django_session" in tables
+                (sessions,) = db.execute("SELECT COUNT(*) FROM django_session").fetchone() if has_sessions else (0,)
+                for table, statement, params in secure:
+                    if table in tables:
+                        db.execute(statement.replace("%s", "?"), params)
+                db.commit()
+        except sqlite3.Error as exc:
+            raise BackupError(f"The restore failed: {exc}.") from exc
         restore_into(copy, self.path)
+        return sessions
 
     def sizes(self) -> list[tuple[str, int]]:
         """(what, bytes): the file and its WAL."""

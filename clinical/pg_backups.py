@@ -283,12 +283,22 @@ class PostgresDatabase:
             )
         return {(row["app"], row["name"]) for row in _copy_rows(done.stdout, "django_migrations")}
 
-    def restore(self, copy: Path) -> None:
-        """Replace the database's tables with the dump's, in one transaction; retried while the server holds locks."""
+    def restore(self, copy: Path, *, secure: list[tuple[str, str, list]]) -> None:
+        """Replace the database's tables with the dump's, then run `secure`, all in one transaction.
+
+        Retried while the server holds locks. How many admin sessions the dump held is not known: None.
+        """
+        self.connection.ensure_connection()
+        secured = "".join(
+            # Where the table exists: an older backup may lack it. compose_sql quotes the values as literals.
+            f"DO $$ BEGIN IF to_regclass('{table}') IS NOT NULL THEN "
+            f"{self.connection.ops.compose_sql(statement, params)}; END IF; END $$;\n"
+            for table, statement, params in secure
+        ).encode()
         deadline = time.monotonic() + LOCK_PATIENCE
         delay = 0.05
         while True:
-            failure = self._restore_once(copy)
+            failure = self._restore_once(copy, secured)
             if failure is None:
                 return
             if not any(state in failure for state in RETRY_STATES):
@@ -301,7 +311,7 @@ class PostgresDatabase:
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    def _restore_once(self, copy: Path) -> str | None:
+    def _restore_once(self, copy: Path, secured: bytes) -> str | None:
         """One attempt: None once committed, else what went wrong (nothing is committed then)."""
         bindir, env = self.programs(), self.environment()
         prelude = self._restore_prelude()
@@ -325,7 +335,7 @@ class PostgresDatabase:
                 shutil.copyfileobj(reader.stdout, writer.stdin, 1 << 20)
                 # COMMIT only after pg_restore read the whole file: at an early end, psql's EOF rolls back.
                 if reader.wait() == 0:
-                    writer.stdin.write(self._restore_postlude())
+                    writer.stdin.write(self._restore_postlude(secured))
                 writer.stdin.close()
             except BrokenPipeError:  # psql stopped at an error
                 pass
@@ -353,14 +363,17 @@ class PostgresDatabase:
             lines += [f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE;", f"DROP TABLE {names} CASCADE;"]
         return ("\n".join(lines) + "\n").encode()
 
-    def _restore_postlude(self) -> bytes:
+    def _restore_postlude(self, secured: bytes) -> bytes:
         ensure = ";\n".join(triggers_sql("postgresql"))
         return (
-            "RESET search_path;\n"
-            f"SELECT to_regclass('{AUDIT_TABLE}') IS NOT NULL AS audit_table \\gset\n"
-            f"\\if :audit_table\n{ensure};\n\\endif\n"
-            "COMMIT;\n"
-        ).encode()
+            b"RESET search_path;\n"
+            + secured
+            + (
+                f"SELECT to_regclass('{AUDIT_TABLE}') IS NOT NULL AS audit_table \\gset\n"
+                f"\\if :audit_table\n{ensure};\n\\endif\n"
+                "COMMIT;\n"
+            ).encode()
+        )
 
     # Maintenance
 

@@ -27,7 +27,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.sessions.models import Session
 from django.core.management import call_command
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from clinical.audit import Action, audit_record
@@ -61,7 +61,7 @@ class Restored:
     replaced_high_water: int
     renumbered: int = 0
     tokens_revoked: int = 0
-    sessions_ended: int = 0
+    sessions_ended: int | None = 0  # None: every one, how many unknown (PostgreSQL)
     accounts_carried: int = 0
     accounts_changed: int = 0
     attempts_carried: int = 0
@@ -89,14 +89,29 @@ def database_restore(
         if confirm is not None:
             confirm(file, live.name)
         safety, state, replaced_high_water = _replaced_save(live, output_dir, progress)
+        secured_at = timezone.now()
         try:
-            live.restore(copy)
+            # The backup's tokens and sessions end in the same step that puts it in place: not one request
+            # may see a revoked token work again, not even while migrate runs.
+            sessions_ended = live.restore(copy, secure=sign_out_everyone(secured_at))
         except BackupError as exc:
             saved = f" The database as it was is saved at {safety.path}." if safety else ""
             raise BackupError(f"{exc}{saved}") from exc
     call_command("migrate", interactive=False, verbosity=max(verbosity - 1, 0))
     restored = Restored(file.absolute(), digest, safety, replaced_high_water, unreadable=state.unreadable)
-    return restored_secure(restored, state)
+    restored.sessions_ended = sessions_ended
+    return restored_secure(restored, state, secured_at)
+
+
+def sign_out_everyone(at) -> list[tuple[str, str, list]]:
+    """(table, statement, parameters) that revoke every token and end every admin session a backup brings back.
+
+    Each runs only where its table exists: an older backup may lack one.
+    """
+    at = connection.ops.adapt_datetimefield_value(at)
+    tokens, sessions = Token._meta.db_table, Session._meta.db_table
+    revoke = f"UPDATE {tokens} SET revoked_at = %s WHERE revoked_at IS NULL AND expires_at > %s"  # noqa: S608
+    return [(tokens, revoke, [at, at]), (sessions, f"DELETE FROM {sessions}", [])]  # noqa: S608 (table names only)
 
 
 def _replaced_save(live, output_dir: Path, progress: Progress | None) -> tuple[Backup | None, SecurityState, int]:
@@ -138,18 +153,21 @@ def security_state_read() -> SecurityState:
     return SecurityState(accounts, attempts)
 
 
-def restored_secure(restored: Restored, state: SecurityState) -> Restored:
-    """After the restore and migrate: renumber, revoke, end, carry over, audit; one transaction."""
+def restored_secure(restored: Restored, state: SecurityState, secured_at) -> Restored:
+    """After the restore and migrate: renumber, carry over, audit; one transaction.
+
+    The tokens and sessions ended as the backup went in (sign_out_everyone);
+    whatever migrate or a late request left is ended here too.
+    """
     with transaction.atomic():
         # Where writers run side by side (PostgreSQL), a write could take a number, or commit one, between
         # the renumbering's read and its update: hold the sequence's row, as every write does, till the end.
         list(ChangeSequence.objects.select_for_update().filter(pk=1))
         restored.renumbered = restart_above(restored.high_water)
         now = timezone.now()
-        restored.tokens_revoked = Token.objects.filter(revoked_at__isnull=True, expires_at__gt=now).update(
-            revoked_at=now
-        )
-        restored.sessions_ended, _ = Session.objects.all().delete()
+        late = Token.objects.filter(revoked_at__isnull=True, expires_at__gt=now).update(revoked_at=now)
+        restored.tokens_revoked = Token.objects.filter(revoked_at=secured_at).count() + late
+        Session.objects.all().delete()
         if restored.safety is not None and state.unreadable is None:
             restored.accounts_carried, restored.accounts_changed, restored.accounts_not_replaced = accounts_carry(
                 state.accounts
@@ -203,7 +221,8 @@ def restore_detail(restored: Restored) -> str:
     else:
         damaged = ", which fails its integrity check," if restored.safety.damaged else ""
         parts.append(f"the replaced database{damaged} was saved to {restored.safety.path}")
-    parts.append(f"{restored.tokens_revoked} tokens revoked, {restored.sessions_ended} admin sessions ended")
+    sessions = "every" if restored.sessions_ended is None else str(restored.sessions_ended)
+    parts.append(f"{restored.tokens_revoked} tokens revoked, {sessions} admin sessions ended")
     if restored.unreadable is not None:
         parts.append(f"no account state carried over: the replaced database could not be read ({restored.unreadable})")
     elif restored.safety is not None:

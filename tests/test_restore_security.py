@@ -9,6 +9,7 @@ import re
 import select
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +98,33 @@ def test_a_token_revoked_after_the_backup_stays_refused_after_restoring_it(serve
     assert revoked == 204
     assert server.running
     assert answers_to(server, token) == 401
+
+
+def test_a_revoked_token_never_works_while_the_restore_runs(server, tmp_path):
+    # The backup's tokens are revoked in the same step that puts it in place, not after migrate.
+    output = tmp_path / "backups"
+    token = server.login("alice")
+    backed_up = backup(server, output)
+    with server.client(token) as client:
+        client.delete("/auth/token")
+    seen, restoring = [], threading.Event()
+
+    def poll():
+        with server.client(token) as client:
+            while restoring.is_set():
+                seen.append(client.get("/auth/tokens").status_code)
+
+    restoring.set()
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        restore(server, backed_up, output)
+    finally:
+        restoring.clear()
+        poller.join()
+
+    assert len(seen) > 10
+    assert set(seen) == {401}
 
 
 def test_every_token_issued_before_the_restore_is_refused_and_clinicians_log_in_again(server, tmp_path):

@@ -61,7 +61,8 @@ class Command(BaseCommand):
         else:
             self.stdout.write("There was no database to replace: nothing to back up, no account state to carry over.")
         self.stdout.write(
-            f"Revoked {restored.tokens_revoked:,} tokens and ended {restored.sessions_ended:,} admin sessions: "
+            f"Revoked {restored.tokens_revoked:,} tokens and ended "
+            f"{'every' if restored.sessions_ended is None else format(restored.sessions_ended, ',')} admin sessions: "
             "everyone logs in again."
         )
         if restored.unreadable is not None:
