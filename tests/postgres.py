@@ -73,10 +73,18 @@ class Cluster:
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
         )
-        log = self.folder / "server.log"
-        self._run("pg_ctl", "-D", self.data, "-o", options, "-l", log, "-w", "-t", str(START_TIMEOUT), "start")
+        self.options = options
+        self.resume()
         self.create_database(DATABASE)
         return self
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data: clients see PostgreSQL down."""
+        self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        log = self.folder / "server.log"
+        self._run("pg_ctl", "-D", self.data, "-o", self.options, "-l", log, "-w", "-t", str(START_TIMEOUT), "start")
 
     def create_database(self, name: str) -> str:
         """A new empty database on this server; its URL."""
