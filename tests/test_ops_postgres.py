@@ -376,7 +376,7 @@ def _garbage(cluster, url: str, path: Path) -> None:
 
 
 def _sqlite(cluster, url: str, path: Path) -> None:
-    sqlite = Server(path.parent / "sqlite")
+    sqlite = Server(path.parent / "sqlite", db_path=path.parent / "sqlite" / "clinical.db")  # SQLite, whatever the run
     sqlite.prepare("alice")
     path.write_bytes(sqlite.db_path.read_bytes())
 
