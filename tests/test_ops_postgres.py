@@ -28,6 +28,8 @@ from tests.postgres import Cluster, bindir
 from tests.server import REPO_ROOT, Server
 from tests.test_ops_server import WRITERS, Device, Writers, amanage, create, list_all, retitle
 
+pytestmark = pytest.mark.postgresql_only  # pg_dump, pg_restore, psql: once, in the PostgreSQL run
+
 USERS = ("alice", "bob")
 SEEDED = 2_000
 COMMAND_TIMEOUT = 180
