@@ -34,6 +34,8 @@ def make_private(paths: list[Path]) -> list[Path]:
     """Take group and other access away from each existing path; the ones changed."""
     changed = []
     for path in paths:
+        if path.is_symlink():
+            continue  # chmod would follow it to a file that is not ours
         try:
             mode = stat.S_IMODE(path.stat().st_mode)
         except FileNotFoundError:

@@ -16,7 +16,7 @@ def migrations_on_disk() -> frozenset[tuple[str, str]]:
 
 def database_state() -> dict:
     """{"ready": bool, "engine": ..., ...details}; never raises."""
-    engine = {"sqlite": "sqlite", "postgresql": "postgresql"}.get(connection.vendor, connection.vendor)
+    engine = connection.vendor  # "sqlite" or "postgresql", as the contract names them
     if engine == "sqlite" and not os.path.exists(connection.settings_dict["NAME"]):
         return {"ready": False, "engine": engine, "detail": "The database file is missing."}
     try:

@@ -7,9 +7,9 @@ from django.http import HttpResponse
 
 # SQLite hands back datetimes in UTC without a zone: render them as UTC.
 JSON_OPTIONS = orjson.OPT_NAIVE_UTC
-# An answer holding more characters of text than this is built and rendered in
-# a worker thread; below it, the thread hop would cost more than the work.
-LARGE_ANSWER_CHARS = 256 * 1024
+# An answer whose text takes more bytes of JSON than this is built and rendered
+# in a worker thread; below it, the thread hop would cost more than the work.
+LARGE_ANSWER_BYTES = 256 * 1024
 DATABASE_UNAVAILABLE = "The database is unavailable right now; retry later."
 
 
@@ -36,11 +36,11 @@ def json_response(data, status: int = 200) -> HttpResponse:
 async def ajson_response(build, *, text: int) -> HttpResponse:
     """json_response(build()), built and rendered off the event loop when `text` says the answer is large.
 
-    `text` is the characters of text the answer will hold. A large answer
+    `text` is the bytes of JSON the answer's text will take. A large answer
     would hold the event loop, and so every other request, for as long as it
     takes to build and render; a small one is done on the loop, as json_response.
     """
-    if text <= LARGE_ANSWER_CHARS:
+    if text <= LARGE_ANSWER_BYTES:
         return json_response(build())
     return HttpResponse(await asyncio.to_thread(_render, build), content_type="application/json")
 

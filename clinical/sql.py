@@ -13,6 +13,7 @@ log, execute_wrapper() or tests that count queries.
 
 from functools import cache
 
+import orjson
 from django.db import DEFAULT_DB_ALIAS, connections
 
 
@@ -48,3 +49,21 @@ def _cursor(db):
 def _native(vendor: str, sql: str) -> str:
     # Django's backends take %s; SQLite's driver takes ?. Our statements hold no literal %.
     return sql.replace("%s", "?") if vendor == "sqlite" else sql
+
+
+def json_out(value):
+    """A JSON column's value as fetched, ready for orjson: the engine's difference in one place.
+
+    Django reads JSON columns as text on both engines. SQLite keeps the text
+    Django wrote: it goes out as it is. PostgreSQL's jsonb keeps the value, not
+    the text (1e308 comes back as 309 digits), so its text is read as the
+    client's JSON was, and written out by orjson.
+    """
+    if not isinstance(value, (str, bytes)):
+        return value  # a driver that decodes JSON itself
+    return orjson.Fragment(value) if _json_kept_as_written() else orjson.loads(value)
+
+
+@cache
+def _json_kept_as_written() -> bool:
+    return db().vendor == "sqlite"

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
-from functools import cache, partial, wraps
+from functools import partial, wraps
 
 import orjson
 from django.conf import settings
@@ -38,11 +38,11 @@ LIVE_OF_OWNER = "owner_id = %s AND deleted_at IS NULL"
 FILTERS = {"status": "status = %s", "patient_ref": "patient_ref = %s"}
 NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
 TOMBSTONE_KEYS = ("id", "owner", "version", "change_seq", "updated_at", "deleted_at")
-# What a row weighs against the page budget: its text columns as fetched (the
-# JSON column comes as its stored text); numbers, dates and the id count for nothing.
 # What orjson writes as more than the character itself: control characters, quote, backslash.
 _ESCAPED = re.compile(r'[\x00-\x1f"\\]')
-# A text field added to RecordingOut stops the import here until _text() counts it.
+# What a row weighs against the page budget: its text columns as fetched (the JSON
+# column as its stored text); numbers, dates and the id count for nothing. A text
+# field added to RecordingOut stops the import here until _text() counts it.
 TEXT_COLUMNS = [
     name
     for name in COLUMNS
@@ -57,7 +57,7 @@ class Page:
 
     `build()` makes the answer (RecordingList's or ChangesOut's shape) from the
     rows as fetched; the API calls it off the database thread, and in a worker
-    thread when `text`, the characters of text in the page, says it is large.
+    thread when `text`, the bytes of JSON its recordings' text takes, says it is large.
     """
 
     build: Callable[[], dict]
@@ -218,7 +218,7 @@ def _items(rows: list[tuple], columns: list[str], username: str) -> list[dict]:
     for row in rows:
         answer = dict(zip(columns, row, strict=True))
         answer["id"] = _api_id(answer["id"])
-        answer["verification_results"] = _json(answer["verification_results"])
+        answer["verification_results"] = sql.json_out(answer["verification_results"])
         answer["owner"] = username
         answers.append(answer)
     return answers
@@ -227,19 +227,3 @@ def _items(rows: list[tuple], columns: list[str], username: str) -> list[dict]:
 def _api_id(value):
     # SQLite keeps the hex digits; PostgreSQL's driver hands back a UUID.
     return uuid.UUID(hex=value) if isinstance(value, str) else value
-
-
-def _json(value):
-    # Django reads JSON columns as text on SQLite and PostgreSQL alike; a driver
-    # that decodes JSON hands back objects.
-    if not isinstance(value, (str, bytes)):
-        return value
-    return orjson.Fragment(value) if _json_kept_as_written() else orjson.loads(value)
-
-
-@cache
-def _json_kept_as_written() -> bool:
-    # SQLite keeps the JSON text Django wrote: it goes out as it is. PostgreSQL's
-    # jsonb keeps the value, not the text (1e308 comes back as 309 digits), so its
-    # text is read as the client's JSON was, and written out by orjson.
-    return sql.db().vendor == "sqlite"

@@ -1,6 +1,6 @@
 """The page budget: a page of the list or of the feed ends early when its recordings' text would pass it.
 
-settings.CLINICAL_PAGE_BUDGET is in characters of text; the tests shrink it so
+settings.CLINICAL_PAGE_BUDGET is in bytes of JSON (ASCII text here: one a character); the tests shrink it so
 that a few hundred thousand characters are "large". A page always holds at
 least one recording, however large.
 """
