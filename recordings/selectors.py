@@ -36,7 +36,10 @@ CHANGE_COLUMNS = [*COLUMNS, "change_seq", "deleted_at"]
 CHANGE_SEQ, DELETED_AT = len(COLUMNS), len(COLUMNS) + 1
 LIVE_OF_OWNER = "owner_id = %s AND deleted_at IS NULL"
 FILTERS = {"status": "status = %s", "patient_ref": "patient_ref = %s"}
-NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
+# deleted_at leads although every row listed has none: PostgreSQL counts only
+# equalities, not IS NULL, as fixed, and would otherwise sort every row of the
+# owner rather than walk the index in its order (SQLite walks it either way).
+NEWEST_FIRST = "ORDER BY deleted_at, created_at DESC, id DESC"
 TOMBSTONE_KEYS = ("id", "owner", "version", "change_seq", "updated_at", "deleted_at")
 # What orjson writes as more than the character itself: control characters, quote, backslash.
 _ESCAPED = re.compile(r'[\x00-\x1f"\\]')
@@ -115,10 +118,14 @@ def recording_list(
         if value is not None:
             where += f" AND {FILTERS[name]}"
             params.append(value)
-    page_sql = f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE {where} {NEWEST_FIRST} LIMIT %s OFFSET %s"  # noqa: S608
-    rows, text, _ = _take(db, sql.execute(db, page_sql, [*params, limit, offset]))
+    rows, text, _ = _take(db, sql.execute(db, list_sql(where), [*params, limit, offset]))
     (count,) = sql.execute(db, f"SELECT COUNT(*) FROM {TABLE} WHERE {where}", params).fetchone()  # noqa: S608
     return Page(partial(_list_data, rows, owner.username, count), text), [row[0] for row in rows]
+
+
+def list_sql(where: str) -> str:
+    """A page of the list: its statement, for the filters in `where`."""
+    return f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE {where} {NEWEST_FIRST} LIMIT %s OFFSET %s"  # noqa: S608
 
 
 @_audited
