@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from clinical import sql
 from clinical.audit import Action, audit_reads, audit_record
-from clinical.changes import next_change_seq
+from clinical.changes import NEXT_SQL, next_change_seq
 from clinical.idempotency import idempotency_keys_drop
 from clinical.locks import serialise
 from recordings.models import INITIAL_STATUSES, TOMBSTONE_CLEARED, TRANSITIONS, Recording
@@ -62,8 +62,7 @@ def recording_create(
     recording = Recording(id=id or uuid.uuid4(), owner=owner, created_at=now, updated_at=now, version=1, **fields)
     if not validated:
         _validate(recording)
-    recording.change_seq = next_change_seq()
-    insert_recordings([recording])
+    # Audited first: the change number's lock is held from when it is taken to commit.
     audit_record(
         actor=actor,
         action=Action.CREATE,
@@ -72,6 +71,7 @@ def recording_create(
         status=("", recording.status),
         ip=ip,
     )
+    _insert_numbered(recording)
     return recording, True
 
 
@@ -107,12 +107,12 @@ def recording_update(
         setattr(recording, field, value)
     if not validated:
         _validate(recording)
-    recording.version += 1
-    recording.updated_at = timezone.now()
-    recording.change_seq = next_change_seq()
-    recording.save(update_fields=[*changed, "version", "updated_at", "change_seq"])
     status = (old_status, recording.status) if "status" in changed else None
     audit_record(actor=actor, action=Action.UPDATE, recording_id=recording.pk, fields=changed, status=status, ip=ip)
+    recording.version += 1
+    recording.updated_at = timezone.now()
+    recording.change_seq = next_change_seq()  # last: its lock is held to commit
+    recording.save(update_fields=[*changed, "version", "updated_at", "change_seq"])
     return recording
 
 
@@ -135,10 +135,10 @@ def recording_delete(*, owner, recording_id: uuid.UUID, actor=None, ip: str | No
     recording.deleted_at = now
     recording.updated_at = now
     recording.version += 1
-    recording.change_seq = next_change_seq()
-    recording.save(update_fields=[*TOMBSTONE_CLEARED, "deleted_at", "updated_at", "version", "change_seq"])
     idempotency_keys_drop(recording_id=recording.pk)
     audit_record(actor=actor, action=Action.DELETE, recording_id=recording.pk, ip=ip)
+    recording.change_seq = next_change_seq()  # last: its lock is held to commit
+    recording.save(update_fields=[*TOMBSTONE_CLEARED, "deleted_at", "updated_at", "version", "change_seq"])
     return recording
 
 
@@ -148,17 +148,53 @@ def insert_recordings(recordings: list[Recording]) -> None:
     What Model.save() and bulk_create() do, without compiling the statement
     again for every row (bulk_create compiles one for each 58 rows on SQLite).
     """
-    db, fields = sql.db(), Recording._meta.concrete_fields
+    db, fields = sql.db(), _fields()
     rows = [[field.get_db_prep_save(getattr(row, field.attname), db) for field in fields] for row in recordings]
     sql.executemany(db, _insert_sql(), rows)
 
 
+def _insert_numbered(recording: Recording) -> None:
+    """INSERT a new recording with the next change number, set on it as well.
+
+    On PostgreSQL the number is taken by the statement that writes the row, so
+    the sequence row's lock, which every writer waits for, is held for that
+    statement and the commit alone. SQLite's write lock is the transaction's.
+    """
+    db = sql.db()
+    if db.vendor != "postgresql":
+        recording.change_seq = next_change_seq()
+        insert_recordings([recording])
+        return
+    values = [field.get_db_prep_save(getattr(recording, field.attname), db) for field in _unnumbered_fields()]
+    (recording.change_seq,) = sql.execute(db, _numbered_insert_sql(), values).fetchone()
+
+
 @cache
 def _insert_sql() -> str:
-    fields = Recording._meta.concrete_fields
-    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    fields = _fields()
     placeholders = ", ".join(["%s"] * len(fields))
-    return f"INSERT INTO {Recording._meta.db_table} ({columns}) VALUES ({placeholders})"  # noqa: S608
+    return f"INSERT INTO {Recording._meta.db_table} ({_columns()}) VALUES ({placeholders})"  # noqa: S608
+
+
+@cache
+def _numbered_insert_sql() -> str:
+    values = ", ".join("next.value" if field.attname == "change_seq" else "%s" for field in _fields())
+    return (
+        f"WITH next AS ({NEXT_SQL}) "  # noqa: S608 (names only)
+        f"INSERT INTO {Recording._meta.db_table} ({_columns()}) SELECT {values} FROM next RETURNING change_seq"
+    )
+
+
+def _fields() -> list:
+    return Recording._meta.concrete_fields
+
+
+def _unnumbered_fields() -> list:
+    return [field for field in _fields() if field.attname != "change_seq"]
+
+
+def _columns() -> str:
+    return ", ".join(connection.ops.quote_name(field.column) for field in _fields())
 
 
 def _same(old, new) -> bool:
