@@ -9,6 +9,10 @@ sometimes while the first is still in flight. At the end every device pulls
 the feed from its stored cursor, and what it holds must be exactly the server's
 state, with nothing of the other clinician's.
 
+Here it runs in-process, through httpx's ASGI transport; tests/test_scale_out.py
+runs the same simulation against real server processes (`run_simulation` with
+another `api` and a `ServerStore`).
+
 Every assertion message carries the seed. Replay a failure, or soak for longer:
 
     SYNC_SIM_SEED=1234 scripts/test tests/test_sync_simulation.py
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
 
 from clinical.tokens import token_issue
 from recordings.models import Recording
@@ -34,6 +39,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 SEED = int(os.environ.get("SYNC_SIM_SEED") or random.SystemRandom().randrange(2**32))
 OPERATIONS = int(os.environ.get("SYNC_SIM_OPS") or 360)
+CLINICIANS = ("alice", "bob")
 DEVICES_PER_CLINICIAN = 3
 PAGE = 7  # small, so that walks span many pages
 DROP = 0.15  # share of mutating requests whose answer is lost
@@ -67,15 +73,43 @@ class Ledger:
     requests: int = 0
 
 
-async def deleted_since(answer) -> bool:
-    """Whether `answer` carried a recording that is deleted now."""
-    if not answer.content or answer.status_code >= 300:
-        return False
-    return await is_deleted(answer.json()["id"])
+class OrmStore:
+    """The server's state through the ORM: the in-process server's database is the test's own."""
+
+    async def is_deleted(self, recording_id: str) -> bool:
+        return await Recording.objects.filter(pk=recording_id, deleted_at__isnull=False).aexists()
+
+    async def state(self, username: str) -> dict[str, dict]:
+        """Every recording of `username`, tombstones included: id -> {"deleted_at", *COMPARED}."""
+        rows = Recording.objects.filter(owner__username=username).values("id", "deleted_at", *COMPARED)
+        return {str(row["id"]): row async for row in rows}
 
 
-async def is_deleted(recording_id: str) -> bool:
-    return await Recording.objects.filter(pk=recording_id, deleted_at__isnull=False).aexists()
+class ServerStore:
+    """The same reads in SQL on a real server's database (`tests.server.Server.query`), whichever the engine."""
+
+    def __init__(self, server):
+        self.server = server
+        recording, user = Recording._meta, get_user_model()._meta
+        columns = ", ".join(f"r.{recording.get_field(name).column}" for name in ("id", "deleted_at", *COMPARED))
+        self.state_sql = (
+            f"SELECT {columns} FROM {recording.db_table} r JOIN {user.db_table} u "
+            f"ON u.{user.pk.column} = r.{recording.get_field('owner').column} "
+            f"WHERE u.{get_user_model().USERNAME_FIELD} = %s"
+        )
+        deleted_at = recording.get_field("deleted_at").column
+        self.deleted_sql = (
+            f"SELECT 1 FROM {recording.db_table} WHERE {recording.pk.column} = %s AND {deleted_at} IS NOT NULL"
+        )
+
+    async def is_deleted(self, recording_id: str) -> bool:
+        # Hex digits: SQLite stores a UUIDField so, and PostgreSQL's uuid reads them too.
+        return bool(await asyncio.to_thread(self.server.query, self.deleted_sql, (uuid.UUID(recording_id).hex,)))
+
+    async def state(self, username: str) -> dict[str, dict]:
+        rows = await asyncio.to_thread(self.server.query, self.state_sql, (username,))
+        names = ("id", "deleted_at", *COMPARED)
+        return {str(uuid.UUID(str(row[0]))): dict(zip(names, row, strict=True)) for row in rows}
 
 
 @dataclass
@@ -106,8 +140,14 @@ class Call:
 
 
 class Simulation:
-    def __init__(self, api, devices: list[Device]):
+    """`api`: anything with `async request(method, path, json, *, token, headers)` answering httpx responses.
+
+    `store`: how the harness reads the server's state (OrmStore, ServerStore).
+    """
+
+    def __init__(self, api, store, devices: list[Device]):
         self.api = api
+        self.store = store
         self.devices = devices
         self.ledger = Ledger()
 
@@ -117,7 +157,7 @@ class Simulation:
         self.ledger.requests += 1
         headers = {"Idempotency-Key": call.key} if call.key else None
         answer = await self.api.request(call.method, call.path, call.body, token=device.token, headers=headers)
-        assert answer.status_code < 500, f"{WHY}: {call.method} {call.path} answered {answer.status_code}"
+        assert answer.status_code < 500, f"{WHY}: {call.method} {call.path} answered {answer.status_code} {answer.text}"
         self.account(call, answer)
         return answer
 
@@ -167,7 +207,7 @@ class Simulation:
             # Allowed for a repeat that arrives while the first is still running, and no work done.
             assert max(lost.status_code, answer.status_code) == 409, f"{what}: {lost.text} / {answer.text}"
             return
-        if not concurrent and REPLAYED not in answer.headers and await deleted_since(lost):
+        if not concurrent and REPLAYED not in answer.headers and await self.deleted_since(lost):
             # A deleted note's stored answers went with it: the retry is done afresh, and refused.
             assert answer.status_code in (404, 409), f"{what}: {answer.status_code} {answer.text}"
             return
@@ -175,6 +215,12 @@ class Simulation:
         assert REPLAYED not in first.headers, f"{what}: both answers claim to be replays"
         assert second.headers.get(REPLAYED) == "true", f"{what}: the work was done twice, or the answer lost"
         assert (second.status_code, second.content) == (first.status_code, first.content), what
+
+    async def deleted_since(self, answer) -> bool:
+        """Whether `answer` carried a recording that is deleted now."""
+        if not answer.content or answer.status_code >= 300:
+            return False
+        return await self.store.is_deleted(answer.json()["id"])
 
     # What a device does
 
@@ -209,7 +255,7 @@ class Simulation:
 
         async def on_answer(answer):
             device.busy.discard(recording_id)
-            if answer.status_code == 409 and await is_deleted(recording_id):
+            if answer.status_code == 409 and await self.store.is_deleted(recording_id):
                 return  # a retry after another device deleted it: a deleted note is not served again
             assert answer.status_code == 201, f"{WHY}: create {recording_id} answered {answer.status_code}"
             self.learn(device, answer.json())
@@ -264,8 +310,9 @@ class Simulation:
         while pages is None or pages > 0:
             self.ledger.requests += 1
             since = device.cursor
-            answer = await self.api.get(f"/sync/changes?since={since}&limit={PAGE}", token=device.token)
-            assert answer.status_code == 200, f"{WHY}: {device.name} pull answered {answer.status_code}"
+            path = f"/sync/changes?since={since}&limit={PAGE}"
+            answer = await self.api.request("GET", path, None, token=device.token, headers=None)
+            assert answer.status_code == 200, f"{WHY}: {device.name} pull answered {answer.status_code} {answer.text}"
             page = answer.json()
             self.check_page(device, since, page)
             for change in page["changes"]:
@@ -309,11 +356,6 @@ class Simulation:
             device.known[rid] = recording
 
 
-async def server_state(username: str) -> dict[str, dict]:
-    rows = Recording.objects.filter(owner__username=username).values("id", "deleted_at", *COMPARED)
-    return {str(row["id"]): row async for row in rows}
-
-
 def as_stored(change: dict) -> dict:
     """A feed change in the shape of server_state's rows, to compare the two."""
     if change["deleted"]:
@@ -327,16 +369,18 @@ def row_as_stored(row: dict) -> dict:
     return {**{name: row[name] for name in COMPARED}, "deleted": False}
 
 
-async def test_devices_syncing_at_once_end_with_the_servers_state(api, alice, bob):
+async def run_simulation(api, store, tokens: dict[str, list[str]]) -> Ledger:
+    """Every device at once, then a final walk from each cursor and from 0; assert the end state as `store` reads it.
+
+    `tokens` maps each username of CLINICIANS to one token for each of its DEVICES_PER_CLINICIAN devices.
+    """
     print(f"sync simulation: {WHY} SYNC_SIM_OPS={OPERATIONS}")
-    clinicians = {"alice": alice, "bob": bob}
     master = random.Random(SEED)
     devices = []
-    for username, user in clinicians.items():
-        for number in range(DEVICES_PER_CLINICIAN):
-            raw, _ = await sync_to_async(token_issue)(user=user)
-            devices.append(Device(f"{username}-{number}", username, raw, random.Random(master.getrandbits(64))))
-    simulation = Simulation(api, devices)
+    for username in CLINICIANS:
+        for number, token in enumerate(tokens[username]):
+            devices.append(Device(f"{username}-{number}", username, token, random.Random(master.getrandbits(64))))
+    simulation = Simulation(api, store, devices)
     per_device = -(-OPERATIONS // len(devices))
     started = time.perf_counter()
 
@@ -353,7 +397,7 @@ async def test_devices_syncing_at_once_end_with_the_servers_state(api, alice, bo
 
     assert operations >= OPERATIONS, WHY
     assert ledger.operations["dropped"] > 0, WHY
-    states = {username: await server_state(username) for username in clinicians}
+    states = {username: await store.state(username) for username in CLINICIANS}
     everyone = {rid for state in states.values() for rid in state}
     for device in devices:
         state = states[device.username]
@@ -385,3 +429,14 @@ async def test_devices_syncing_at_once_end_with_the_servers_state(api, alice, bo
         assert row["version"] >= version, f"{what} went back to v{row['version']}"
         if row["version"] == version:
             assert {name: answer[name] for name in COMPARED[:4]} == {name: row[name] for name in COMPARED[:4]}, what
+    return ledger
+
+
+async def test_devices_syncing_at_once_end_with_the_servers_state(api, alice, bob):
+    tokens = {user.username: [] for user in (alice, bob)}
+    for user in (alice, bob):
+        for _ in range(DEVICES_PER_CLINICIAN):
+            raw, _ = await sync_to_async(token_issue)(user=user)
+            tokens[user.username].append(raw)
+
+    await run_simulation(api, OrmStore(), tokens)
