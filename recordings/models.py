@@ -113,6 +113,8 @@ class Recording(models.Model):
     # Taken from clinical.changes in the transaction of every write: the sync cursor.
     change_seq = models.BigIntegerField(unique=True, editable=False)
     deleted_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # SHA-256 of the id, content and version (recordings.digests), written with every change.
+    digest = models.CharField(max_length=64, editable=False, default="")
 
     class Meta:
         indexes = [

@@ -136,6 +136,7 @@ class RecordingOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     version: int
+    digest: str = Field(description="SHA-256 of the id, content and version (README: Verifiable records)")
 
     @field_validator("owner", mode="before")
     @classmethod
@@ -172,6 +173,7 @@ class Tombstone(BaseModel):
     change_seq: int
     updated_at: datetime
     deleted_at: datetime
+    digest: str
 
 
 class ChangesOut(BaseModel):

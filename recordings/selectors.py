@@ -40,16 +40,18 @@ FILTERS = {"status": "status = %s", "patient_ref": "patient_ref = %s"}
 # equalities, not IS NULL, as fixed, and would otherwise sort every row of the
 # owner rather than walk the index in its order (SQLite walks it either way).
 NEWEST_FIRST = "ORDER BY deleted_at, created_at DESC, id DESC"
-TOMBSTONE_KEYS = ("id", "owner", "version", "change_seq", "updated_at", "deleted_at")
+TOMBSTONE_KEYS = ("id", "owner", "version", "change_seq", "updated_at", "deleted_at", "digest")
 # What orjson writes as more than the character itself: control characters, quote, backslash.
 _ESCAPED = re.compile(r'[\x00-\x1f"\\]')
 # What a row weighs against the page budget: its text columns as fetched (the JSON
-# column as its stored text); numbers, dates and the id count for nothing. A text
-# field added to RecordingOut stops the import here until _text() counts it.
+# column as its stored text); numbers, dates, the id and the digest (64 characters)
+# count for nothing. A text field added to RecordingOut stops the import here
+# until _text() counts it.
 TEXT_COLUMNS = [
     name
     for name in COLUMNS
     if Recording._meta.get_field(name).get_internal_type() in {"CharField", "TextField", "JSONField"}
+    and name != "digest"
 ]
 _REF, _TITLE, _TYPE, _STATUS, _AUDIO, _TRANSCRIPT, _RESULTS, _ERROR = map(COLUMNS.index, TEXT_COLUMNS)
 

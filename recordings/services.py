@@ -12,6 +12,7 @@ from clinical.audit import Action, audit_reads, audit_record
 from clinical.changes import NEXT_SQL, next_change_seq
 from clinical.idempotency import idempotency_keys_drop
 from clinical.locks import serialise
+from recordings.digests import recording_digest
 from recordings.models import INITIAL_STATUSES, TOMBSTONE_CLEARED, TRANSITIONS, Recording
 
 STALE_VERSION = "Stale version: the recording was changed since you read it."
@@ -111,8 +112,9 @@ def recording_update(
     audit_record(actor=actor, action=Action.UPDATE, recording_id=recording.pk, fields=changed, status=status, ip=ip)
     recording.version += 1
     recording.updated_at = timezone.now()
+    recording.digest = recording_digest(recording)
     recording.change_seq = next_change_seq()  # last: its lock is held to commit
-    recording.save(update_fields=[*changed, "version", "updated_at", "change_seq"])
+    recording.save(update_fields=[*changed, "version", "updated_at", "digest", "change_seq"])
     return recording
 
 
@@ -137,8 +139,9 @@ def recording_delete(*, owner, recording_id: uuid.UUID, actor=None, ip: str | No
     recording.version += 1
     idempotency_keys_drop(recording_id=recording.pk)
     audit_record(actor=actor, action=Action.DELETE, recording_id=recording.pk, ip=ip)
+    recording.digest = recording_digest(recording)
     recording.change_seq = next_change_seq()  # last: its lock is held to commit
-    recording.save(update_fields=[*TOMBSTONE_CLEARED, "deleted_at", "updated_at", "version", "change_seq"])
+    recording.save(update_fields=[*TOMBSTONE_CLEARED, "deleted_at", "updated_at", "version", "digest", "change_seq"])
     return recording
 
 
@@ -149,6 +152,8 @@ def insert_recordings(recordings: list[Recording]) -> None:
     again for every row (bulk_create compiles one for each 58 rows on SQLite).
     """
     db, fields = sql.db(), _fields()
+    for recording in recordings:
+        recording.digest = recording_digest(recording)
     rows = [[field.get_db_prep_save(getattr(row, field.attname), db) for field in fields] for row in recordings]
     sql.executemany(db, _insert_sql(), rows)
 
@@ -165,6 +170,7 @@ def _insert_numbered(recording: Recording) -> None:
         recording.change_seq = next_change_seq()
         insert_recordings([recording])
         return
+    recording.digest = recording_digest(recording)
     values = [field.get_db_prep_save(getattr(recording, field.attname), db) for field in _unnumbered_fields()]
     (recording.change_seq,) = sql.execute(db, _numbered_insert_sql(), values).fetchone()
 

@@ -77,7 +77,9 @@ async def test_a_patch_and_a_conflict_answer_in_the_same_shape(api, alice):
 
     assert patched.status_code == 200
     assert conforms(patched.json())
-    assert patched.json() == {**body, "title": "Changed", "version": 2, "updated_at": patched.json()["updated_at"]}
+    moved = {"updated_at": patched.json()["updated_at"], "digest": patched.json()["digest"]}
+    assert patched.json() == {**body, "title": "Changed", "version": 2, **moved}
+    assert patched.json()["digest"] != body["digest"]
     assert stale.status_code == 409
     current = stale.json()["current"]
     assert current == patched.json()
@@ -92,7 +94,7 @@ async def test_tombstones_carry_only_what_the_schema_names(api, alice):
 
     (tombstone,) = fed["changes"]
     assert ChangesOut.model_validate(fed)
-    assert set(tombstone) == {"id", "deleted", "owner", "version", "change_seq", "updated_at", "deleted_at"}
+    assert set(tombstone) == {"id", "deleted", "owner", "version", "change_seq", "updated_at", "deleted_at", "digest"}
     assert tombstone["deleted"] is True
     assert tombstone["deleted_at"].endswith("+00:00")
 

@@ -45,6 +45,7 @@ RECORDING_KEYS = {
     "created_at",
     "updated_at",
     "version",
+    "digest",
 }
 
 
@@ -583,7 +584,7 @@ async def test_patch_changes_only_the_given_fields(api, alice, make_recording):
     assert response.status_code == 200
     assert (response.json()["title"], response.json()["version"]) == ("New", 2)
     assert (after["title"], after["version"]) == ("New", 2)
-    moved = {"title", "version", "updated_at", "change_seq"}
+    moved = {"title", "version", "updated_at", "change_seq", "digest"}
     assert {key: value for key, value in after.items() if key not in moved} == {
         key: value for key, value in before.items() if key not in moved
     }

@@ -25,7 +25,7 @@ FEED_SQL = (
     "WHERE owner_id = %s AND change_seq > %s ORDER BY change_seq LIMIT 5"
 )
 # What a tombstone may carry: no patient, title, transcript or any other clinical content.
-TOMBSTONE_KEYS = {"id", "deleted", "owner", "version", "change_seq", "updated_at", "deleted_at"}
+TOMBSTONE_KEYS = {"id", "deleted", "owner", "version", "change_seq", "updated_at", "deleted_at", "digest"}
 CLINICAL_KEYS = {"patient_ref", "title", "note_type", "transcript", "verification_results", "audio_path", "error"}
 
 

@@ -56,7 +56,7 @@ ALLOWED = {
     "failed": ["pending"],
     "verified": [],
 }
-TOMBSTONE_KEYS = {"id", "deleted", "owner", "version", "change_seq", "updated_at", "deleted_at"}
+TOMBSTONE_KEYS = {"id", "deleted", "owner", "version", "change_seq", "updated_at", "deleted_at", "digest"}
 COMPARED = ("patient_ref", "title", "status", "transcript", "version", "change_seq")
 
 
