@@ -25,6 +25,7 @@ from django.urls import set_script_prefix
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "clinical.settings")
 django.setup(set_prefix=False)
 
+from clinical.chain import start_sealing  # noqa: E402
 from clinical.connections import keep_connections_across_requests  # noqa: E402
 from clinical.middleware import API_PREFIX  # noqa: E402
 
@@ -37,6 +38,7 @@ class ClinicalASGIHandler(ASGIHandler):
     def __init__(self) -> None:
         super().__init__()
         keep_connections_across_requests(debug=settings.DEBUG)
+        start_sealing()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":

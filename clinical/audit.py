@@ -17,7 +17,7 @@ from clinical.models import AuditEvent
 Action = AuditEvent.Action
 APPEND_ONLY = "audit events are append-only"
 TABLE = AuditEvent._meta.db_table
-SQLITE_TRIGGERS = {f"{TABLE}_no_update": "UPDATE", f"{TABLE}_no_delete": "DELETE"}
+SEAL_TABLE = "clinical_auditseal"
 COLUMNS = (
     "at",
     "user_id",
@@ -116,29 +116,40 @@ def drop_triggers(apps, schema_editor) -> None:
         schema_editor.execute(statement)
 
 
-def triggers_sql(vendor: str) -> list[str]:
+def create_seal_triggers(apps, schema_editor) -> None:
+    for statement in triggers_sql(schema_editor.connection.vendor, SEAL_TABLE):
+        schema_editor.execute(statement)
+
+
+def drop_seal_triggers(apps, schema_editor) -> None:
+    for statement in drop_triggers_sql(schema_editor.connection.vendor, SEAL_TABLE):
+        schema_editor.execute(statement)
+
+
+def triggers_sql(vendor: str, table: str = TABLE) -> list[str]:
+    """What makes `table` (the events', or the chain's seals') refuse UPDATE and DELETE."""
     if vendor == "sqlite":
         return [
-            f"CREATE TRIGGER IF NOT EXISTS {name} BEFORE {event} ON {TABLE} "
+            f"CREATE TRIGGER IF NOT EXISTS {table}_no_{event.lower()} BEFORE {event} ON {table} "
             f"BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END"
-            for name, event in SQLITE_TRIGGERS.items()
+            for event in ("UPDATE", "DELETE")
         ]
     if vendor == "postgresql":
         return [
             f"CREATE OR REPLACE FUNCTION {TABLE}_append_only() RETURNS trigger AS $$ "
             f"BEGIN RAISE EXCEPTION '{APPEND_ONLY}'; END $$ LANGUAGE plpgsql",
-            f"CREATE OR REPLACE TRIGGER {TABLE}_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {TABLE} "
+            f"CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {table} "
             f"FOR EACH STATEMENT EXECUTE FUNCTION {TABLE}_append_only()",
         ]
     return []
 
 
-def drop_triggers_sql(vendor: str) -> list[str]:
+def drop_triggers_sql(vendor: str, table: str = TABLE) -> list[str]:
     if vendor == "sqlite":
-        return [f"DROP TRIGGER IF EXISTS {name}" for name in SQLITE_TRIGGERS]
+        return [f"DROP TRIGGER IF EXISTS {table}_no_{event}" for event in ("update", "delete")]
     if vendor == "postgresql":
-        return [
-            f"DROP TRIGGER IF EXISTS {TABLE}_append_only ON {TABLE}",
-            f"DROP FUNCTION IF EXISTS {TABLE}_append_only()",
-        ]
+        statements = [f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}"]
+        if table == TABLE:  # the function outlives the seals' trigger, which uses it too
+            statements.append(f"DROP FUNCTION IF EXISTS {TABLE}_append_only() CASCADE")
+        return statements
     return []

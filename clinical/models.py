@@ -114,3 +114,35 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username} {self.action}"
+
+
+class AuditSeal(models.Model):
+    """An audit event's place in the hash chain (clinical.chain): append-only, like the events.
+
+    Kept beside the events, not in them, so that the events' table stays
+    insert-only; no foreign key, so that an event deleted behind the
+    application's back leaves its seal, and the chain says which one went.
+    """
+
+    event_id = models.BigIntegerField(primary_key=True)
+    hash = models.CharField(max_length=64)
+
+    def __str__(self) -> str:
+        return f"seal of audit event {self.event_id}"
+
+
+class AuditCheck(models.Model):
+    """A run of verifyaudit: when, how far, what it found (the admin shows the latest)."""
+
+    at = models.DateTimeField()
+    events = models.BigIntegerField()
+    head = models.CharField(max_length=64, blank=True, default="")
+    last_event_id = models.BigIntegerField(null=True, blank=True)
+    ok = models.BooleanField()
+    detail = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+    def __str__(self) -> str:
+        return f"audit chain check at {self.at:%Y-%m-%d %H:%M:%S}: {'whole' if self.ok else 'broken'}"

@@ -40,8 +40,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db import DatabaseError, transaction
 
+from clinical.audit import SEAL_TABLE, triggers_sql
 from clinical.audit import TABLE as AUDIT_TABLE
-from clinical.audit import triggers_sql
 from clinical.backups import (
     CLINICAL_TABLES,
     DUMP_MAGIC,
@@ -365,12 +365,15 @@ class PostgresDatabase:
 
     def _restore_postlude(self, secured: bytes) -> bytes:
         ensure = ";\n".join(triggers_sql("postgresql"))
+        ensure_seals = ";\n".join(triggers_sql("postgresql", SEAL_TABLE))
         return (
             b"RESET search_path;\n"
             + secured
             + (
                 f"SELECT to_regclass('{AUDIT_TABLE}') IS NOT NULL AS audit_table \\gset\n"
                 f"\\if :audit_table\n{ensure};\n\\endif\n"
+                f"SELECT to_regclass('{SEAL_TABLE}') IS NOT NULL AS seal_table \\gset\n"
+                f"\\if :seal_table\n{ensure_seals};\n\\endif\n"
                 "COMMIT;\n"
             ).encode()
         )

@@ -179,6 +179,12 @@ CLINICAL_IDEMPOTENCY_TTL = timedelta(hours=max(24.0, float(os.environ.get("CLINI
 CLINICAL_IDEMPOTENCY_MAX_BYTES_PER_USER = int(float(os.environ.get("CLINICAL_IDEMPOTENCY_MAX_MIB", "64")) * 2**20)
 # Audit every API read of a recording (on unless CLINICAL_AUDIT_READS=0).
 CLINICAL_AUDIT_READS = os.environ.get("CLINICAL_AUDIT_READS", "1") != "0"
+# The audit trail's hash chain (clinical.chain): keyed with HMAC when a key is
+# set (anyone who can write the database but lacks the key cannot forge it);
+# events are sealed into it every CLINICAL_AUDIT_SEAL_SECONDS by each server
+# process (0: only by verifyaudit and backupdb).
+CLINICAL_AUDIT_KEY = os.environ.get("CLINICAL_AUDIT_KEY", "").encode()
+CLINICAL_AUDIT_SEAL_SECONDS = float(os.environ.get("CLINICAL_AUDIT_SEAL_SECONDS", "1"))
 # Login throttling: this many failures within the window, and logins answer 429.
 CLINICAL_LOGIN_MAX_FAILURES_PER_USER = int(os.environ.get("CLINICAL_LOGIN_MAX_FAILURES_PER_USER", "5"))
 CLINICAL_LOGIN_MAX_FAILURES_PER_IP = int(os.environ.get("CLINICAL_LOGIN_MAX_FAILURES_PER_IP", "20"))

@@ -5,13 +5,18 @@ import os
 import httpx
 import pytest
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection
 
-from clinical.asgi import application
-from clinical.audit import drop_triggers_sql, triggers_sql
-from clinical.tokens import token_issue
-from recordings.services import recording_create
+# The in-process server seals nothing by itself: the tests seal when they mean to
+# (server processes seal as deployed).
+settings.CLINICAL_AUDIT_SEAL_SECONDS = 0
+
+from clinical.asgi import application  # noqa: E402
+from clinical.audit import SEAL_TABLE, drop_triggers_sql, triggers_sql  # noqa: E402
+from clinical.tokens import token_issue  # noqa: E402
+from recordings.services import recording_create  # noqa: E402
 
 ENGINE = "postgresql" if os.environ.get("DATABASE_URL") else "sqlite"
 
@@ -58,9 +63,9 @@ def audit_trail_flushable(request):
         yield
         return
     request.getfixturevalue("transactional_db")
-    _run_sql(triggers_sql(connection.vendor))
+    _run_sql(triggers_sql(connection.vendor) + triggers_sql(connection.vendor, SEAL_TABLE))
     yield
-    _run_sql(drop_triggers_sql(connection.vendor))
+    _run_sql(drop_triggers_sql(connection.vendor, SEAL_TABLE) + drop_triggers_sql(connection.vendor))
 
 
 def _run_sql(statements: list[str]) -> None:

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.sqlite_only  # SQLite's own files, pragmas and backup A
 
 SEEDED = 1_000
 NOT_A_DATABASE = b"this is not a SQLite database, only text where a backup should be\n" * 64
-TIME_FIELDS = ("recorded_at", "created_at", "updated_at", "audio_path")  # drawn relative to the time of the run
+# Drawn relative to the time of the run (the digest covers recorded_at).
+TIME_FIELDS = ("recorded_at", "created_at", "updated_at", "audio_path", "digest")
 
 
 @pytest.fixture(scope="session")
@@ -74,12 +75,12 @@ def connected_to(path: Path):
 
 
 @pytest.fixture
-def live_db(tmp_path, seeded_db):
+def live_db(tmp_path, seeded_db, django_db_blocker):
     """Our own copy of the seeded file, as the connection's database: what backupdb and restoredb work on."""
     path = tmp_path / "live" / "clinical.db"
     path.parent.mkdir()
     clone_database(seeded_db, path)
-    with connected_to(path):
+    with django_db_blocker.unblock(), connected_to(path):
         yield path
 
 

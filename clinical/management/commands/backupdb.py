@@ -12,6 +12,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from clinical.backups import BackupError, database_operations
+from clinical.chain import seal
 from clinical.progress import stderr_progress
 
 
@@ -31,6 +32,8 @@ class Command(BaseCommand):
         database = database_operations()
         if verbosity >= 1:
             self.stdout.write(database.describe())
+        # Sealed first, so the backup holds the chain up to the head printed: an auditor's anchor.
+        head = seal()[1] if database.exists() else None
         progress = stderr_progress("Copying", verbosity)
         try:
             backup = database.backup(output_dir.absolute(), keep=keep, progress=progress)
@@ -41,3 +44,5 @@ class Command(BaseCommand):
                 self.style.SUCCESS(f"Backed up to {backup.path}")
                 + f" ({backup.size:,} bytes, {backup.recordings:,} recordings, {backup.seconds:.2f} s)"
             )
+            if head is not None:
+                self.stdout.write(f"Audit chain head: {head}")

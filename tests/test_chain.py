@@ -1,0 +1,239 @@
+"""The audit trail's hash chain: tampering as someone with write access to the database would do it.
+
+Each attack first drops the append-only triggers, as such an attacker could.
+verifyaudit names the first event changed, removed, inserted or reordered.
+"""
+
+import hashlib
+import re
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+
+from clinical.audit import SEAL_TABLE, audit_record, drop_triggers_sql
+from clinical.chain import GENESIS, event_hash, head, seal
+from clinical.models import AuditCheck, AuditEvent, AuditSeal
+from recordings.selectors import recording_get
+from recordings.services import recording_create, recording_update
+
+pytestmark = pytest.mark.django_db(transaction=True)
+OK = re.compile(r"^(\d+) events, head ([0-9a-f]{64})$", re.MULTILINE)
+
+
+def events(alice, count: int = 6) -> list[int]:
+    """`count` events of several kinds: creates, changes, reads."""
+    for number in range(count // 3):
+        recording, _ = recording_create(owner=alice, patient_ref=f"PAT-{number}", ip="10.0.0.1")
+        recording_update(owner=alice, recording_id=recording.pk, version=1, status="uploaded")
+        recording_get(alice, recording_id=recording.pk, ip="2001:db8::1")
+    return list(AuditEvent.objects.order_by("id").values_list("id", flat=True))
+
+
+def verifyaudit(capsys, *args) -> tuple[int, str]:
+    """(exit status, what it printed or the error)."""
+    try:
+        call_command("verifyaudit", *args)
+    except CommandError as exc:
+        return 1, str(exc)
+    return 0, capsys.readouterr().out
+
+
+def attack(statement: str, params=()) -> None:
+    with connection.cursor() as cursor:
+        for drop in drop_triggers_sql(connection.vendor, SEAL_TABLE) + drop_triggers_sql(connection.vendor):
+            cursor.execute(drop)
+        cursor.execute(statement, params)
+
+
+def test_an_untouched_trail_verifies_with_its_count_and_head(alice, capsys):
+    ids = events(alice)
+
+    status, out = verifyaudit(capsys)
+
+    assert status == 0, out
+    count, printed = OK.search(out).groups()
+    assert int(count) == len(ids)
+    assert printed == head()[1] == AuditSeal.objects.get(event_id=ids[-1]).hash
+    assert AuditCheck.objects.get().ok
+
+
+def test_each_hash_covers_the_event_and_the_one_before(alice):
+    ids = events(alice, 3)
+    seal()
+    seals = dict(AuditSeal.objects.values_list("event_id", "hash"))
+    first = AuditEvent.objects.get(pk=ids[0])
+
+    assert seals[ids[0]] != seals[ids[1]]
+    # Recomputed by hand from the documented form, with no key set.
+    canonical = (
+        f'[{first.id},"{first.at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}",{first.user_id},"alice","create",'
+        f'"{first.recording_id}",["patient_ref"],"","pending","10.0.0.1","success",null]'
+    )
+    assert seals[ids[0]] == hashlib.sha256(f"{GENESIS}\n{canonical}".encode()).hexdigest()
+
+
+def test_events_written_since_the_last_seal_are_sealed_before_the_check(alice, capsys):
+    events(alice, 3)
+    seal()
+    audit_record(actor=alice, action=AuditEvent.Action.LOGIN, ip="10.0.0.2")
+
+    status, out = verifyaudit(capsys)
+
+    assert status == 0
+    assert OK.search(out).group(1) == "4"
+
+
+def test_a_changed_field_is_named(alice, capsys):
+    ids = events(alice)
+    seal()
+    attack("UPDATE clinical_auditevent SET username = %s WHERE id = %s", ["mallory", ids[2]])
+
+    status, error = verifyaudit(capsys)
+
+    assert status == 1
+    assert f"event {ids[2]} does not match its seal" in error
+    assert not AuditCheck.objects.get().ok
+
+
+def test_an_event_deleted_from_the_middle_is_named(alice, capsys):
+    ids = events(alice)
+    seal()
+    attack("DELETE FROM clinical_auditevent WHERE id = %s", [ids[3]])
+
+    status, error = verifyaudit(capsys)
+
+    assert (status, f"event {ids[3]} was removed" in error) == (1, True), error
+
+
+def test_an_event_deleted_with_its_seal_breaks_the_next_one(alice, capsys):
+    ids = events(alice)
+    seal()
+    attack("DELETE FROM clinical_auditseal WHERE event_id = %s", [ids[3]])
+    attack("DELETE FROM clinical_auditevent WHERE id = %s", [ids[3]])
+
+    status, error = verifyaudit(capsys)
+
+    assert status == 1
+    assert f"event {ids[4]} does not match its seal" in error
+
+
+def test_an_event_inserted_below_the_sealed_ones_is_named(alice, capsys):
+    ids = events(alice)
+    seal()
+    attack(
+        "INSERT INTO clinical_auditevent (id, at, username, action, fields, status_from, status_to, outcome) "
+        "SELECT 0, at, 'mallory', 'read', '[]', '', '', 'success' FROM clinical_auditevent WHERE id = %s",
+        [ids[0]],
+    )
+
+    status, error = verifyaudit(capsys)
+
+    assert status == 1
+    assert "event 0 is not in the chain" in error
+
+
+def test_an_event_inserted_by_moving_the_later_ones_up_is_named(alice, capsys):
+    ids = events(alice)
+    seal()
+    for eid in reversed(ids[3:]):
+        attack("UPDATE clinical_auditevent SET id = id + 1 WHERE id = %s", [eid])
+    attack(
+        "INSERT INTO clinical_auditevent (id, at, username, action, fields, status_from, status_to, outcome) "
+        "SELECT %s, at, 'mallory', 'read', '[]', '', '', 'success' FROM clinical_auditevent WHERE id = %s",
+        [ids[3], ids[0]],
+    )
+
+    status, error = verifyaudit(capsys)
+
+    assert status == 1
+    assert f"event {ids[3]} does not match its seal" in error
+
+
+def test_two_swapped_events_are_named(alice, capsys):
+    ids = events(alice)
+    seal()
+    first, second = ids[1], ids[2]
+    attack("UPDATE clinical_auditevent SET id = -1 WHERE id = %s", [first])
+    attack("UPDATE clinical_auditevent SET id = %s WHERE id = %s", [first, second])
+    attack("UPDATE clinical_auditevent SET id = %s WHERE id = -1", [second])
+
+    status, error = verifyaudit(capsys)
+
+    assert status == 1
+    assert f"event {first} does not match its seal" in error
+
+
+def test_a_tail_cut_after_an_anchor_is_caught_by_the_anchor(alice, capsys):
+    ids = events(alice)
+    status, out = verifyaudit(capsys)
+    anchor = OK.search(out).group(2)
+    more = events(alice)[len(ids) :]
+    assert verifyaudit(capsys, "--head", anchor)[0] == 0
+    cut = ids[-2]
+    attack("DELETE FROM clinical_auditseal WHERE event_id >= %s", [cut])
+    attack("DELETE FROM clinical_auditevent WHERE id >= %s", [cut])
+
+    whole, _ = verifyaudit(capsys)  # what remains is a chain in itself
+    status, error = verifyaudit(capsys, "--head", anchor)
+
+    assert more
+    assert whole == 0
+    assert status == 1
+    assert f"head {anchor} is not part of the chain" in error
+
+
+def test_a_chain_rewritten_without_the_key_is_caught(alice, capsys, settings):
+    settings.CLINICAL_AUDIT_KEY = b"k" * 32
+    ids = events(alice)
+    seal()
+    attack("UPDATE clinical_auditevent SET username = 'mallory' WHERE id = %s", [ids[1]])
+    # The attacker recomputes every seal, but without the key.
+    previous = GENESIS
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM clinical_auditevent ORDER BY id")
+        columns = [column[0] for column in cursor.description]
+        rows = cursor.fetchall()
+    for row in rows:
+        values = dict(zip(columns, row, strict=True))
+        settings.CLINICAL_AUDIT_KEY = b""
+        previous = event_hash(previous, [values[name] for name in AUDIT_COLUMNS])
+        attack("UPDATE clinical_auditseal SET hash = %s WHERE event_id = %s", [previous, values["id"]])
+    settings.CLINICAL_AUDIT_KEY = b"k" * 32
+
+    status, error = verifyaudit(capsys)
+
+    assert status == 1
+    assert f"event {ids[0]} does not match its seal" in error
+
+
+def test_the_key_changes_every_hash(alice, settings):
+    events(alice, 3)
+    plain = seal()[1]
+    settings.CLINICAL_AUDIT_KEY = b"k" * 32
+    row = AuditEvent.objects.order_by("-id").values_list(*AUDIT_COLUMNS).first()
+
+    assert event_hash(GENESIS, row) != hashlib.sha256(b"").hexdigest()
+    assert plain != event_hash(GENESIS, row)
+
+
+def test_a_bad_head_is_refused(capsys):
+    with pytest.raises(CommandError, match="64 lowercase hex digits"):
+        call_command("verifyaudit", "--head", "xyz")
+
+
+AUDIT_COLUMNS = (
+    "id",
+    "at",
+    "user_id",
+    "username",
+    "action",
+    "recording_id",
+    "fields",
+    "status_from",
+    "status_to",
+    "client_ip",
+    "outcome",
+    "detail",
+)
