@@ -102,9 +102,9 @@ def event_hash(previous: str, row) -> str:
     return hashlib.sha256(message).hexdigest()
 
 
-def head() -> tuple[int, str]:
+def head(db=None) -> tuple[int, str]:
     """The last sealed event's id and hash: (0, GENESIS) before the first."""
-    row = sql.execute(sql.db(), _HEAD).fetchone()
+    row = sql.execute(db or sql.db(), _HEAD).fetchone()
     return (0, GENESIS) if row is None else (row[0], row[1])
 
 
@@ -145,14 +145,14 @@ class Verdict:
     head_found: bool | None
 
 
-def verify(*, anchor: str | None = None, progress=None, total: int = 0) -> Verdict:
+def verify(db=None, *, anchor: str | None = None, progress=None, total: int = 0) -> Verdict:
     """Walk every event and seal in id order, recomputing the chain; stop at the first break.
 
     `anchor`, a head printed earlier, must be one of the chain's hashes.
     """
-    db = sql.db()
+    db = db or sql.db()
     previous, last_id, count, found = GENESIS, 0, 0, None if anchor is None else anchor == GENESIS
-    sealed_to, _ = head()
+    sealed_to, _ = head(db)
     for eid, event, stored in _merged(db):
         if stored is None:
             if eid < sealed_to:

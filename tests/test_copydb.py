@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import threading
+import uuid
 from contextlib import closing
 from datetime import UTC, datetime
 from uuid import UUID
@@ -184,6 +185,25 @@ def test_a_copy_while_the_server_writes_is_one_consistent_snapshot(seeded, targe
     assert pg(target, "SELECT value FROM clinical_changesequence") == [(high_water,)]
 
 
+def test_a_recording_edited_behind_the_applications_back_is_not_copied(seeded, target):
+    write(seeded.db_path, "UPDATE recordings_recording SET transcript = 'Edited by hand' WHERE rowid = 1")
+    [(edited,)] = query(seeded.db_path, "SELECT id FROM recordings_recording WHERE rowid = 1")
+
+    copied = manage(seeded.db_path, "copydb", "--to", target)
+
+    assert copied.returncode == 1
+    assert "1 recordings do not match their digests in the target" in copied.stderr
+    assert str(uuid.UUID(edited)) in copied.stderr
+    assert pg_count_or_none(target) in (None, 0)  # rolled back: nothing arrived
+
+
+def pg_count_or_none(url: str) -> int | None:
+    try:
+        return pg(url, "SELECT count(*) FROM recordings_recording")[0][0]
+    except psycopg.errors.UndefinedTable:
+        return None
+
+
 def test_the_audit_trail_is_append_only_on_arrival(seeded, target):
     copied = manage(seeded.db_path, "copydb", "--to", target)
 
@@ -197,11 +217,13 @@ def test_the_audit_trail_is_append_only_on_arrival(seeded, target):
 
 def test_every_row_arrives_with_its_keys_versions_and_change_numbers(seeded, target):
     db_path = seeded.db_path
+    [(first, version)] = query(db_path, "SELECT id, version FROM recordings_recording WHERE rowid = 1")
     with seeded:
-        seeded.login("alice")  # a token, a login attempt, a login event
+        with seeded.client(seeded.login("alice")) as client:  # a token, a login attempt, a login event
+            edit = {"version": version, "transcript": 'Ünïcode ✓ and "quotes"'}
+            assert client.patch(f"/recordings/{uuid.UUID(first)}", json=edit).status_code == 200
         with seeded.client(seeded.login("alice")) as client:
             client.delete("/auth/token")  # a revoked token, copied too
-    write(db_path, "UPDATE recordings_recording SET transcript = 'Ünïcode ✓ and \"quotes\"' WHERE rowid = 1")
 
     copied = manage(db_path, "copydb", "--to", target)
 
@@ -213,28 +235,30 @@ def test_every_row_arrives_with_its_keys_versions_and_change_numbers(seeded, tar
     assert copied.returncode == 0, copied.stderr
     assert counts_pg(target) == counts_sqlite(db_path)
     assert target_rows == source_rows
-    assert pg(target, "SELECT value FROM clinical_changesequence") == [(2_000,)]
+    assert pg(target, "SELECT value FROM clinical_changesequence") == [(2_001,)]  # the seeding, then the patch
     assert pg(target, TOKENS) == query(db_path, TOKENS)
     assert [revoked for *_, revoked in pg(target, TOKENS)] == [1, 0]
     assert pg(target, "SELECT password FROM auth_user") == query(db_path, "SELECT password FROM auth_user")
 
 
 def test_the_source_is_only_read(seeded, target):
-    # A tombstone that still holds text (written behind the application's back): a data migration run
-    # against the source instead of the target would clear it there.
-    write(
-        seeded.db_path,
-        "UPDATE recordings_recording SET deleted_at = updated_at, title = 'left as it was' WHERE rowid = 1",
-    )
+    # A tombstone that still holds text (written behind the application's back, its digest still
+    # right: deleted_at is not content): a data migration run against the source instead of the
+    # target would clear it there.
+    write(seeded.db_path, "UPDATE recordings_recording SET deleted_at = updated_at WHERE rowid = 1")
+    [(title,)] = query(seeded.db_path, "SELECT title FROM recordings_recording WHERE rowid = 1")
     checkpoint(seeded.db_path)
     before = sha256(seeded.db_path)
 
     copied = manage(seeded.db_path, "copydb", "--to", target)
 
     assert copied.returncode == 0, copied.stderr
+    assert title
     assert sha256(seeded.db_path) == before
-    assert query(seeded.db_path, "SELECT title FROM recordings_recording WHERE rowid = 1") == [("left as it was",)]
-    assert pg(target, "SELECT count(*) FROM recordings_recording WHERE title = 'left as it was'") == [(1,)]
+    assert query(seeded.db_path, "SELECT title FROM recordings_recording WHERE rowid = 1") == [(title,)]
+    assert pg(
+        target, "SELECT count(*) FROM recordings_recording WHERE title = %s AND deleted_at IS NOT NULL", [title]
+    ) == [(1,)]
 
 
 def test_new_rows_take_ids_above_the_copied_ones(seeded, target):
