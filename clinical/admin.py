@@ -7,7 +7,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.utils import timezone
 
-from clinical.models import AuditEvent, Token
+from clinical.models import AuditCheck, AuditEvent, Token
 from clinical.requests import client_ip
 from clinical.tokens import password_stamp, token_revoke, tokens_revoke_all
 
@@ -34,6 +34,10 @@ class AuditEventAdmin(admin.ModelAdmin):
     date_hierarchy = "at"
     actions = None
     list_per_page = 100
+
+    def changelist_view(self, request, extra_context=None):
+        messages.add_message(request, *_chain_status())
+        return super().changelist_view(request, extra_context)
 
     def has_add_permission(self, request):
         return False
@@ -110,3 +114,19 @@ class ClinicalUserAdmin(UserAdmin):
     def sign_out_everywhere(self, request, queryset):
         revoked = sum(tokens_revoke_all(user=user, actor=request.user, ip=client_ip(request)) for user in queryset)
         self.message_user(request, f"Signed out everywhere: {revoked} tokens revoked.", messages.SUCCESS)
+
+
+def _chain_status() -> tuple[int, str]:
+    """How far the audit chain was last verified (manage.py verifyaudit), as a message level and text."""
+    check = AuditCheck.objects.first()
+    if check is None:
+        return messages.WARNING, "The audit chain has not been verified yet: run manage.py verifyaudit."
+    when = timezone.localtime(check.at).strftime("%Y-%m-%d %H:%M:%S %Z")
+    if not check.ok:
+        return messages.ERROR, f"The audit chain was found broken at {when}: {check.detail}"
+    return (
+        messages.INFO,
+        f"The audit chain was last verified at {when}: whole through event {check.last_event_id or 0} "
+        f"({check.events:,} events), head {check.head}.",
+    )
+

@@ -79,8 +79,18 @@ class RecordingAdmin(admin.ModelAdmin):
     search_fields = ("patient_ref", "title")
     date_hierarchy = "created_at"
     list_select_related = ("owner",)
-    readonly_fields = ("id", "owner", "version", "created_at", "updated_at", "deleted_at", "results_json")
-    fields = ("id", "owner", *EDITABLE, "results_json", "version", "seen_version", "created_at", "updated_at")
+    readonly_fields = ("id", "owner", "version", "digest", "created_at", "updated_at", "deleted_at", "results_json")
+    fields = (
+        "id",
+        "owner",
+        *EDITABLE,
+        "results_json",
+        "version",
+        "seen_version",
+        "digest",
+        "created_at",
+        "updated_at",
+    )
     ordering = ("-created_at",)
 
     def has_add_permission(self, request):

@@ -3,16 +3,19 @@
 import json
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
+from io import StringIO
 
 import pytest
 from django import forms
 from django.contrib.admin.models import LogEntry
+from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape
 
-from clinical.models import AuditEvent, Token
+from clinical.chain import head
+from clinical.models import AuditCheck, AuditEvent, Token
 from clinical.tokens import token_issue
 from recordings.models import TOMBSTONE_CLEARED, Recording
 from recordings.services import (
@@ -204,6 +207,15 @@ def test_the_change_page_shows_verification_results_as_indented_json(staff, alic
     assert response.status_code == 200
     assert f'<pre class="verification-results">{expected}</pre>' in response.text
     assert "\n  &quot;checks&quot;: [\n    {\n      &quot;name&quot;: &quot;dose&quot;," in response.text
+
+
+def test_the_change_page_shows_the_digest(staff, alice):
+    recording = create(alice)
+
+    response = staff.get(change_url(recording))
+
+    assert len(recording.digest) == 64
+    assert recording.digest in response.text
 
 
 def test_the_change_page_escapes_html_in_verification_results(staff, alice):
@@ -470,6 +482,29 @@ def test_superusers_can_read_the_audit_trail(staff, event):
 
     assert response.status_code == 200
     assert [row.pk for row in response.context["cl"].result_list] == [event.pk]
+
+
+def test_the_audit_list_says_the_chain_was_never_verified(staff, event):
+    response = staff.get(EVENTS)
+
+    assert "The audit chain has not been verified yet" in response.text
+
+
+def test_the_audit_list_says_how_far_the_chain_was_last_verified(staff, event):
+    call_command("verifyaudit", stdout=StringIO())
+
+    response = staff.get(EVENTS)
+
+    assert f"whole through event {event.pk} (1 events), head {head()[1]}" in response.text
+
+
+def test_the_audit_list_says_when_the_chain_was_found_broken(staff, event):
+    AuditCheck.objects.create(at=timezone.now(), events=0, ok=False, detail="event 3 was removed: its seal remains")
+
+    response = staff.get(EVENTS)
+
+    assert "The audit chain was found broken at" in response.text
+    assert "event 3 was removed" in response.text
 
 
 def test_superusers_cannot_add_an_event(staff, event):
