@@ -154,6 +154,11 @@ class Server:
         if usernames:
             self.create_users(*usernames, password=password, iterations=iterations)
 
+    def manage(self, *args: str) -> subprocess.CompletedProcess:
+        """`manage.py *args` on this server's database, output captured as text."""
+        command = [sys.executable, "manage.py", *args]
+        return subprocess.run(command, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=300)
+
     def _run(self, command: list[str]) -> None:
         done = subprocess.run(command, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:

@@ -20,6 +20,7 @@ from tests.test_server_process import CLIENTS, OPERATIONS, USERS, differences, l
 from tests.test_sync_simulation import CLINICIANS, DEVICES_PER_CLINICIAN, ServerStore, run_simulation
 
 COLUMNS = ("version", "title", "status", "patient_ref")
+SEAL_WAIT = 15  # seconds: a second's sealing rounds, past the wait for an id still in flight (clinical.chain)
 
 
 async def write_at_once(servers: list[Server], tokens: dict[str, str]) -> tuple[list, list[str]]:
@@ -47,6 +48,22 @@ async def assert_every_write_kept(servers: list[Server], tokens: dict[str, str],
     for server in servers:  # each process sees every write
         for username in USERS:
             assert differences(acknowledged[username], await list_all(server, tokens[username])) == []
+    await assert_records_verify(servers[0])
+
+
+async def assert_records_verify(server: Server) -> None:
+    """The servers sealed every event into the audit chain by themselves, and both checks pass."""
+    events = "SELECT count(*) FROM clinical_auditevent"
+    sealed = "SELECT count(*) FROM clinical_auditseal"
+    for _ in range(SEAL_WAIT * 10):
+        if server.query(sealed) == server.query(events):
+            break
+        await asyncio.sleep(0.1)
+    assert server.query(sealed) == server.query(events)
+    audit, digests = server.manage("verifyaudit"), server.manage("verifydb")
+    assert audit.returncode == 0, audit.stderr
+    assert f"{server.query(events)[0][0]} events, head " in audit.stdout
+    assert digests.returncode == 0, digests.stderr
 
 
 @pytest.mark.postgresql_only
@@ -92,6 +109,7 @@ async def sync_across(servers: list[Server]) -> None:
     async with AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(server.async_client(limits=fresh)) for server in servers]
         await run_simulation(RoundRobin(clients), ServerStore(servers[0]), tokens)
+    await assert_records_verify(servers[0])
     for server in servers:
         assert "Traceback" not in server.log_text(), server.log_tail()
         assert "database is locked" not in server.log_text().lower(), server.log_tail()
