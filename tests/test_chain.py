@@ -17,6 +17,7 @@ from clinical.chain import GENESIS, event_hash, head, seal
 from clinical.models import AuditCheck, AuditEvent, AuditSeal
 from recordings.selectors import recording_get
 from recordings.services import recording_create, recording_update
+from tests.server import Server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 OK = re.compile(r"^(\d+) events, head ([0-9a-f]{64})$", re.MULTILINE)
@@ -237,3 +238,23 @@ AUDIT_COLUMNS = (
     "outcome",
     "detail",
 )
+
+
+def test_a_restored_database_verifies_and_still_holds_the_head_its_backup_printed(tmp_path):
+    server = Server(tmp_path / "server")
+    server.prepare("alice")
+    with server:
+        server.login("alice")  # a login event
+    backup = server.manage("backupdb", "--output-dir", str(tmp_path / "backups"))
+    assert backup.returncode == 0, backup.stderr
+    anchor = re.search(r"Audit chain head: ([0-9a-f]{64})", backup.stdout).group(1)
+    path = re.search(r"Backed up to (\S+)", backup.stdout).group(1)
+    with server:
+        server.login("alice")  # after the backup: gone with the restore
+
+    restored = server.manage("restoredb", path, "--yes")
+    checked = server.manage("verifyaudit", "--head", anchor)
+
+    assert restored.returncode == 0, restored.stderr
+    assert checked.returncode == 0, checked.stderr
+    assert re.search(r"^2 events, head [0-9a-f]{64}$", checked.stdout, re.MULTILINE)  # the login, the restore
