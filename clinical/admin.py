@@ -129,4 +129,3 @@ def _chain_status() -> tuple[int, str]:
         f"The audit chain was last verified at {when}: whole through event {check.last_event_id or 0} "
         f"({check.events:,} events), head {check.head}.",
     )
-
