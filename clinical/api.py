@@ -12,6 +12,7 @@ from ninja.renderers import BaseRenderer
 from pydantic import Field, field_validator
 
 from clinical.bodies import BadBody, parse_json
+from clinical.conditional import tagged
 from clinical.connections import on_db_thread
 from clinical.health import database_state
 from clinical.idempotency import IdempotencyError
@@ -31,7 +32,7 @@ from recordings.api import router as recordings_router
 from recordings.api import sync_router
 from recordings.models import Recording
 from recordings.schemas import no_nul, recording_data
-from recordings.services import RecordingConflict
+from recordings.services import PreconditionFailed, RecordingConflict
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +188,17 @@ def not_found(request, exc):
 
 @api.exception_handler(RecordingConflict)
 def conflict(request, exc):
+    return _refused(request, 409, exc)
+
+
+@api.exception_handler(PreconditionFailed)
+def precondition_failed(request, exc):
+    return _refused(request, 412, exc)
+
+
+def _refused(request, status: int, exc: RecordingConflict):
     if exc.recording is None:
-        return _error(request, 409, exc.detail)
+        return _error(request, status, exc.detail)
     current = recording_data(exc.recording)
-    # The current recording, at the top level and under "current".
-    return _error(request, 409, exc.detail, {**current, "current": current})
+    # The current recording, at the top level and under "current", with its ETag.
+    return tagged(_error(request, status, exc.detail, {**current, "current": current}), exc.recording.digest)

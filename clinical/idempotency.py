@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from clinical.audit import audit_reads
 from clinical.bodies import BadBody, parse_json
+from clinical.conditional import IF_MATCH
 from clinical.locks import serialise
 from clinical.models import IdempotencyKey
 from clinical.requests import client_ip
@@ -68,13 +69,22 @@ async def aidempotent(request, work: Work, replay: Replay):
 
 
 def fingerprint(request) -> str:
-    """The request's method, path and body; the body as parsed JSON, so key order and spacing do not count."""
+    """The request's method, path and body, and its If-Match when it has one.
+
+    The body as parsed JSON, so key order and spacing do not count. If-Match
+    makes it another request (another precondition); without one, the
+    fingerprint is what it was before If-Match counted, so stored keys still replay.
+    """
     digest = hashlib.sha256(f"{request.method}\0{request.path}\0".encode())
     try:
         digest.update(orjson.dumps(parse_json(request.body), option=orjson.OPT_SORT_KEYS))
     except BadBody:
         digest.update(request.body)  # empty (DELETE), not JSON or too deep: the bytes themselves
-    return digest.hexdigest()
+    if_match = request.headers.get(IF_MATCH)
+    if if_match is None:
+        return digest.hexdigest()
+    # Hashed again: an input (hex, then the header) that no request without If-Match hashes, whatever its body.
+    return hashlib.sha256(f"{digest.hexdigest()}\0{IF_MATCH}\0{if_match}".encode()).hexdigest()
 
 
 def _run(user, work: Work) -> tuple[int, bytes]:

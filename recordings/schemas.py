@@ -6,6 +6,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from ninja import Field, Schema
+from ninja.errors import ValidationError
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from recordings.models import HAS_NUL, MAX_TRANSCRIPT, NUL, results_problem
@@ -19,6 +20,7 @@ PATIENT_REF_CONTROL = "patient_ref must not contain control characters"
 PATIENT_REF_LENGTH = "patient_ref must be 1 to 64 characters after trimming white space"
 NOT_NULL = "may be omitted, but not null"
 BAD_DATETIME = "is not a datetime that can be stored in UTC"
+VERSION_OR_IF_MATCH = "version is required unless an If-Match header gives the ETag you last saw"
 
 StatusName = Literal["pending", "uploaded", "transcribing", "transcribed", "verified", "failed"]
 Results = dict[str, Any] | list[Any]
@@ -84,7 +86,7 @@ class RecordingIn(RecordingFields):
 
 
 class RecordingPatch(RecordingFields):
-    version: int
+    version: int = None  # or If-Match (check_precondition)
     patient_ref: str = None
     title: str = Field(None, max_length=200)
     note_type: str = Field(None, max_length=50)
@@ -97,6 +99,7 @@ class RecordingPatch(RecordingFields):
     recorded_at: datetime | None = None
 
     @field_validator(
+        "version",
         "patient_ref",
         "title",
         "note_type",
@@ -113,6 +116,12 @@ class RecordingPatch(RecordingFields):
         if value is None:
             raise ValueError(NOT_NULL)
         return value
+
+
+def check_precondition(patch: RecordingPatch, if_match: str | None) -> None:
+    """A patch names the state it changes: `version`, If-Match or both; with neither, 422."""
+    if "version" not in patch.model_fields_set and if_match is None:
+        raise ValidationError([{"loc": ("body", "data", "version"), "msg": VERSION_OR_IF_MATCH, "type": "missing"}])
 
 
 class RecordingOut(BaseModel):
@@ -153,6 +162,13 @@ def recording_data(recording) -> dict:
     data = {name: getattr(recording, name) for name in OUT_FIELDS if name != "owner"}
     data["owner"] = recording.owner.username
     return data
+
+
+class RecordingRefused(RecordingOut):
+    """A 409 or 412: why, and the recording as it is now, at the top level and under `current`."""
+
+    detail: str
+    current: RecordingOut
 
 
 class RecordingList(BaseModel):

@@ -10,6 +10,7 @@ from django.utils import timezone
 from clinical import sql
 from clinical.audit import Action, audit_reads, audit_record
 from clinical.changes import NEXT_SQL, next_change_seq
+from clinical.conditional import if_match_passes
 from clinical.idempotency import idempotency_keys_drop
 from clinical.locks import serialise
 from recordings.digests import recording_digest
@@ -18,6 +19,7 @@ from recordings.models import INITIAL_STATUSES, TOMBSTONE_CLEARED, TRANSITIONS, 
 STALE_VERSION = "Stale version: the recording was changed since you read it."
 ID_TAKEN = "This id belongs to another recording."
 ID_DELETED = "A recording with this id was deleted; it cannot be created again."
+PRECONDITION_FAILED = "If-Match does not match: the recording was changed since you read it."
 
 
 class RecordingConflict(Exception):
@@ -27,6 +29,10 @@ class RecordingConflict(Exception):
         super().__init__(detail)
         self.detail = detail
         self.recording = recording
+
+
+class PreconditionFailed(RecordingConflict):
+    """A write refused because If-Match does not name the recording's current state (412)."""
 
 
 def transition_refused(old: str, new: str) -> str:
@@ -81,20 +87,23 @@ def recording_update(
     *,
     owner,
     recording_id: uuid.UUID,
-    version: int,
+    version: int | None = None,
+    if_match: str | None = None,
     actor=None,
     ip: str | None = None,
     validated: bool = False,
     **changes,
 ) -> Recording:
-    """Apply changes if `version` is current and the status transition is allowed.
+    """Apply changes if `if_match` (an If-Match header) and `version` are current and the status transition is allowed.
 
+    The API asks for one of `version` and `if_match` at least; each is checked when given.
     `validated` as for recording_create: every field checked by the API's schema.
     """
     actor = actor or owner
-    # Read inside the write transaction: the version check must see the latest row.
+    # Read inside the write transaction: the checks must see the latest row.
     recording = _get_live_for_update(owner, recording_id)
-    if recording.version != version:
+    _check_if_match(recording, if_match)
+    if version is not None and recording.version != version:
         raise RecordingConflict(STALE_VERSION, recording)
     new_status = changes.get("status", recording.status)
     if new_status != recording.status and new_status not in TRANSITIONS[recording.status]:
@@ -119,18 +128,25 @@ def recording_update(
 
 
 @transaction.atomic
-def recording_delete(*, owner, recording_id: uuid.UUID, actor=None, ip: str | None = None) -> Recording:
+def recording_delete(
+    *, owner, recording_id: uuid.UUID, if_match: str | None = None, actor=None, ip: str | None = None
+) -> Recording:
     """Mark a recording deleted, keeping a tombstone for the sync feed; deleting twice is fine.
 
+    `if_match` (an If-Match header) is checked against a live recording only:
+    deleting a deleted one is done already, whatever the client last saw.
     The tombstone keeps no clinical content, and the stored answers that
     carried the recording go with it: nothing serves a deleted note again.
     """
     actor = actor or owner
-    recording = Recording.objects.select_for_update().filter(pk=recording_id, owner=owner).first()
+    # The owner with it: a 412 answers with the recording, off the database thread.
+    locked = Recording.objects.select_related("owner").select_for_update(of=("self",))
+    recording = locked.filter(pk=recording_id, owner=owner).first()
     if recording is None:
         raise Recording.DoesNotExist
     if recording.deleted_at is not None:
         return recording
+    _check_if_match(recording, if_match)
     now = timezone.now()
     for field, value in TOMBSTONE_CLEARED.items():
         setattr(recording, field, value)
@@ -213,6 +229,12 @@ def _same(old, new) -> bool:
 def _validate(recording: Recording) -> None:
     # The owner is known to exist and the change number is taken after: skip their queries.
     recording.full_clean(exclude=["owner", "change_seq"], validate_unique=False, validate_constraints=False)
+
+
+def _check_if_match(recording: Recording, if_match: str | None) -> None:
+    # On the row as locked: two writes with the same If-Match cannot both pass.
+    if not if_match_passes(if_match, recording.digest):
+        raise PreconditionFailed(PRECONDITION_FAILED, recording)
 
 
 def _get_live_for_update(owner, recording_id: uuid.UUID) -> Recording:
