@@ -69,16 +69,19 @@ _SEAL = f"INSERT INTO {SEALS} (event_id, hash) VALUES (%s, %s)"  # noqa: S608
 
 def moment(value: datetime) -> str:
     """A datetime in the canonical forms: UTC, microseconds always written."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)  # SQLite hands back UTC without a zone
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)  # SQLite hands back UTC without a zone
+    return value.isoformat(timespec="microseconds") + "Z"
 
 
-def event_hash(previous: str, row) -> str:
-    """The hash of an event (a row of EVENT_COLUMNS, as the database returns it) after `previous`."""
+def event_hash(previous: str, row, key: bytes | None = None) -> str:
+    """The hash of an event (a row of EVENT_COLUMNS, as the database returns it) after `previous`.
+
+    `key`: CLINICAL_AUDIT_KEY, read once by a caller that hashes many events.
+    """
     eid, at, user_id, username, action, recording_id, fields, status_from, status_to, ip, outcome, detail = row
-    if recording_id is not None and not isinstance(recording_id, uuid.UUID):
-        recording_id = uuid.UUID(hex=recording_id)
+    if recording_id is not None:
+        recording_id = _uuid_text(recording_id)
     if isinstance(fields, (str, bytes)):
         fields = orjson.loads(fields)
     canonical = [
@@ -87,7 +90,7 @@ def event_hash(previous: str, row) -> str:
         user_id,
         username,
         action,
-        None if recording_id is None else str(recording_id),
+        recording_id,
         fields,
         status_from,
         status_to,
@@ -96,10 +99,18 @@ def event_hash(previous: str, row) -> str:
         detail,
     ]
     message = previous.encode() + b"\n" + orjson.dumps(canonical)
-    key = settings.CLINICAL_AUDIT_KEY
+    key = settings.CLINICAL_AUDIT_KEY if key is None else key
     if key:
-        return hmac.new(key, message, hashlib.sha256).hexdigest()
+        return hmac.digest(key, message, "sha256").hex()
     return hashlib.sha256(message).hexdigest()
+
+
+def _uuid_text(value) -> str:
+    # SQLite stores 32 hex digits: sliced, as uuid.UUID would print them, at a tenth of its cost.
+    if isinstance(value, str) and len(value) == 32:
+        value = value.lower()
+        return f"{value[:8]}-{value[8:12]}-{value[12:16]}-{value[16:20]}-{value[20:]}"
+    return str(value if isinstance(value, uuid.UUID) else uuid.UUID(hex=value))
 
 
 def head(db=None) -> tuple[int, str]:
@@ -109,24 +120,33 @@ def head(db=None) -> tuple[int, str]:
 
 
 def seal() -> tuple[int, str]:
-    """Seal every event written since the last seal that can be; the head it leaves. One sealer at a time."""
-    with transaction.atomic():
-        serialise("audit-chain-seal")
-        db = sql.db()
-        last_id, last_hash = head()
+    """Seal every event written since the last seal that can be; the head it leaves.
+
+    Each batch is hashed before the write lock is taken, so writers wait only for
+    its INSERT; the batch is dropped and hashed again if another sealer moved the
+    head meanwhile (one sealer at a time writes: SQLite's lock, an advisory lock).
+    """
+    db, key = sql.db(), settings.CLINICAL_AUDIT_KEY
+    while True:
+        start = head(db)
+        last_id, last_hash = start
         now = timezone.now()
-        while True:
-            rows = sql.execute(db, _EVENTS_AFTER, [last_id, BATCH]).fetchall()
-            seals = []
-            for row in rows:
-                if last_id and row[0] != last_id + 1 and not _gap_settled(row, now):
-                    break  # an id below this one may still commit
-                last_id, last_hash = row[0], event_hash(last_hash, row)
-                seals.append([last_id, last_hash])
-            if seals:
-                sql.executemany(db, _SEAL, seals)
-            if len(seals) < BATCH:
-                return last_id, last_hash
+        rows = sql.execute(db, _EVENTS_AFTER, [last_id, BATCH]).fetchall()
+        seals = []
+        for row in rows:
+            if last_id and row[0] != last_id + 1 and not _gap_settled(row, now):
+                break  # an id below this one may still commit
+            last_id, last_hash = row[0], event_hash(last_hash, row, key)
+            seals.append([last_id, last_hash])
+        if not seals:
+            return last_id, last_hash
+        with transaction.atomic():
+            serialise("audit-chain-seal")
+            if head(db) != start:
+                continue  # another process sealed these first
+            sql.executemany(db, _SEAL, seals)
+        if len(seals) < BATCH:
+            return last_id, last_hash
 
 
 def _gap_settled(row, now: datetime) -> bool:
@@ -153,6 +173,7 @@ def verify(db=None, *, anchor: str | None = None, progress=None, total: int = 0)
     db = db or sql.db()
     previous, last_id, count, found = GENESIS, 0, 0, None if anchor is None else anchor == GENESIS
     sealed_to, _ = head(db)
+    key = settings.CLINICAL_AUDIT_KEY
     for eid, event, stored in _merged(db):
         if stored is None:
             if eid < sealed_to:
@@ -160,7 +181,7 @@ def verify(db=None, *, anchor: str | None = None, progress=None, total: int = 0)
             break  # written since the last seal
         if event is None:
             return Verdict(count, last_id, previous, f"event {eid} was removed: its seal remains", found)
-        if event_hash(previous, event) != stored:
+        if event_hash(previous, event, key) != stored:
             return Verdict(count, last_id, previous, _changed(eid, last_id), found)
         previous, last_id, count = stored, eid, count + 1
         if anchor is not None:
