@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 from clinical.bodies import BadBody, parse_json
 from clinical.conditional import tagged
 from clinical.connections import on_db_thread
-from clinical.health import database_state
+from clinical.health import areplication_state, database_state
 from clinical.idempotency import IdempotencyError
 from clinical.requests import client_ip
 from clinical.responses import database_unavailable, json_response, to_json
@@ -83,10 +83,16 @@ class TokenOut(Schema):
 
 @api.get("/health", auth=None, tags=["platform"])
 async def health(request):
-    """Liveness and database readiness: 200, or 503 when the database is unusable."""
+    """Liveness and database readiness: 200, or 503 when the database is unusable; replication when configured.
+
+    Replication lagging or down never changes the status: the database still serves.
+    """
     state = await on_db_thread(database_state)
     status = 200 if state.pop("ready") else 503
-    return api.create_response(request, {"status": "ok" if status == 200 else "unavailable", **state}, status=status)
+    body = {"status": "ok" if status == 200 else "unavailable", **state}
+    if (replication := await areplication_state()) is not None:
+        body["replication"] = replication
+    return api.create_response(request, body, status=status)
 
 
 @api.post("/auth/token", auth=None, response={201: TokenOut}, tags=["auth"])

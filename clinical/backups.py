@@ -248,8 +248,22 @@ class SQLiteDatabase:
                 db.commit()
         except sqlite3.Error as exc:
             raise BackupError(f"The restore failed: {exc}.") from exc
-        restore_into(copy, self.path)
+        with self._replication_paused():
+            restore_into(copy, self.path)
         return sessions
+
+    @contextmanager
+    def _replication_paused(self) -> Iterator[None]:
+        # Litestream, while it replicates, must reopen the file once it is rewritten (clinical.replication).
+        from clinical.replication import ReplicaError, configured_replication  # they build on this module
+
+        replication = configured_replication()
+        try:
+            with replication.paused() if replication is not None else nullcontext():
+                yield
+        except ReplicaError as exc:  # only stopping it raises: nothing was restored yet
+            message = f"Replication could not be paused for the restore ({exc}). Nothing was restored."
+            raise BackupError(message) from exc
 
     def sizes(self) -> list[tuple[str, int]]:
         """(what, bytes): the file and its WAL."""
@@ -260,13 +274,20 @@ class SQLiteDatabase:
         ]
 
     def maintain(self) -> None:
-        """Checkpoint and truncate the WAL, rebuild the file (VACUUM), refresh the planner's statistics."""
+        """Checkpoint and truncate the WAL, rebuild the file (VACUUM), refresh the planner's statistics.
+
+        With a replica configured, Litestream owns the checkpoints: it holds a
+        read transaction so that nobody checkpoints past what it has copied,
+        and a TRUNCATE checkpoint would only wait out the busy timeout and
+        fail; it checkpoints the WAL itself once it has shipped the VACUUM.
+        """
+        from clinical.replication import configured_replication  # it builds on this module
+
+        checkpoint = [] if configured_replication() else ["PRAGMA wal_checkpoint(TRUNCATE)"]
         try:
             with connection.cursor() as cursor:
-                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                cursor.execute("VACUUM")
-                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                cursor.execute("PRAGMA optimize")
+                for statement in [*checkpoint, "VACUUM", *checkpoint, "PRAGMA optimize"]:
+                    cursor.execute(statement)
         except OperationalError as exc:
             raise MaintenanceError(f"Maintenance stopped: {exc}. Try again when the server is less busy.") from exc
 

@@ -1,11 +1,14 @@
-"""Is the database usable: reachable, with every migration applied (and on SQLite, in WAL mode)."""
+"""Is the database usable: reachable, with every migration applied (and on SQLite, in WAL mode); is it replicated."""
 
 import os
 from functools import cache
 
+from django.conf import settings
 from django.db import DatabaseError, connection
 from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.recorder import MigrationRecorder
+
+from clinical.replication import ReplicaError, database_replication
 
 
 @cache
@@ -33,3 +36,18 @@ def _journal_mode() -> str:
     with connection.cursor() as cursor:
         cursor.execute("PRAGMA journal_mode")
         return cursor.fetchone()[0]
+
+
+async def areplication_state() -> dict | None:
+    """Health's `replication` when a replica is configured: {running, lag_seconds, ...}; never a secret.
+
+    Read from Litestream's control socket without the database thread: a
+    replica that lags or is down never makes health wait or fail.
+    """
+    if not settings.CLINICAL_REPLICA_URL:
+        return None
+    try:
+        replication = database_replication()
+    except ReplicaError as exc:  # PostgreSQL: the setting does nothing there
+        return {"running": False, "lag_seconds": None, "detail": str(exc)}
+    return await replication.astate()

@@ -20,7 +20,7 @@ import getpass
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -34,6 +34,7 @@ from clinical.audit import Action, audit_record
 from clinical.backups import Backup, BackupError, Progress, UnreadableDatabase, database_operations
 from clinical.changes import restart_above, sequence_high_water
 from clinical.models import ChangeSequence, LoginAttempt, Token
+from clinical.replication import ReplicaError, database_replication
 
 # Devices hold cursors up to the replaced database's high water; the server may
 # hand out a few numbers between reading it and the restore, never a million.
@@ -41,7 +42,7 @@ RESTORE_GAP = 1_000_000
 ACCOUNT_FIELDS = ("password", "is_active", "is_staff", "is_superuser")
 User = get_user_model()
 
-Confirm = Callable[[Path, str], None]  # (file, the live database's name): returns to go on, raises to stop
+Confirm = Callable[[Path | str, str], None]  # (what is restored, the live database): returns to go on, raises to stop
 
 
 @dataclass
@@ -55,7 +56,7 @@ class SecurityState:
 
 @dataclass
 class Restored:
-    file: Path
+    file: Path | str  # a backup file, or the replica and the moment restored
     sha256: str
     safety: Backup | None  # None: there was no database to replace
     replaced_high_water: int
@@ -85,20 +86,47 @@ def database_restore(
     """Check a private copy of `file`, ask, save the live database, restore the copy, migrate, secure."""
     live = database_operations()
     with live.private_copy(file, output_dir) as (copy, digest):
-        live.inspect_restore_source(copy, shown_as=file)
-        if confirm is not None:
-            confirm(file, live.name)
-        safety, state, replaced_high_water = _replaced_save(live, output_dir, progress)
-        secured_at = timezone.now()
-        try:
-            # The backup's tokens and sessions end in the same step that puts it in place: not one request
-            # may see a revoked token work again, not even while migrate runs.
-            sessions_ended = live.restore(copy, secure=sign_out_everyone(secured_at))
-        except BackupError as exc:
-            saved = f" The database as it was is saved at {safety.path}." if safety else ""
-            raise BackupError(f"{exc}{saved}") from exc
+        steps = {"output_dir": output_dir, "confirm": confirm, "progress": progress, "verbosity": verbosity}
+        return copy_restore(live, copy, digest, shown_as=file.absolute(), **steps)
+
+
+def replica_restore(
+    moment: datetime | None,
+    *,
+    output_dir: Path,
+    confirm: Confirm | None = None,
+    progress: Progress | None = None,
+    verbosity: int = 1,
+) -> Restored:
+    """Restore the replica's latest state, or its state at `moment`, with the same steps as a file."""
+    live = database_operations()
+    try:
+        replication = database_replication()
+        with replication.copy(output_dir, moment) as (copy, digest, shown_as):
+            steps = {"output_dir": output_dir, "confirm": confirm, "progress": progress, "verbosity": verbosity}
+            return copy_restore(live, copy, digest, shown_as=shown_as, **steps)
+    except ReplicaError as exc:
+        raise BackupError(str(exc)) from exc
+
+
+def copy_restore(
+    live, copy: Path, digest: str, *, shown_as, output_dir: Path, confirm, progress, verbosity: int
+) -> Restored:
+    """Check a private copy (`shown_as` to the operator), ask, save the live database, restore, migrate, secure."""
+    live.inspect_restore_source(copy, shown_as=shown_as)
+    if confirm is not None:
+        confirm(shown_as, live.name)
+    safety, state, replaced_high_water = _replaced_save(live, output_dir, progress)
+    secured_at = timezone.now()
+    try:
+        # The backup's tokens and sessions end in the same step that puts it in place: not one request
+        # may see a revoked token work again, not even while migrate runs.
+        sessions_ended = live.restore(copy, secure=sign_out_everyone(secured_at))
+    except BackupError as exc:
+        saved = f" The database as it was is saved at {safety.path}." if safety else ""
+        raise BackupError(f"{exc}{saved}") from exc
     call_command("migrate", interactive=False, verbosity=max(verbosity - 1, 0))
-    restored = Restored(file.absolute(), digest, safety, replaced_high_water, unreadable=state.unreadable)
+    restored = Restored(shown_as, digest, safety, replaced_high_water, unreadable=state.unreadable)
     restored.sessions_ended = sessions_ended
     return restored_secure(restored, state, secured_at)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from clinical.replication_url import replica_url_checked
 from clinical.secret_key import load_or_create_secret_key
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -22,6 +23,23 @@ os.umask(0o077)
 
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+def _replica_url(value: str) -> str:
+    try:
+        return replica_url_checked(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
+
+
+def _positive_hours(name: str, default: str) -> float:
+    try:
+        hours = float(os.environ.get(name, default))
+    except ValueError:
+        hours = 0
+    if not hours > 0:
+        raise ImproperlyConfigured(f"{name} must be a number of hours above 0, such as 24.")
+    return hours
 
 
 def _prepare_threshold(value: str) -> int | None:
@@ -80,6 +98,15 @@ else:
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Continuous replication of the SQLite database with Litestream (clinical.replication): file:///absolute/path
+# or s3://bucket/path; S3 keys only in LITESTREAM_ACCESS_KEY_ID and LITESTREAM_SECRET_ACCESS_KEY, which
+# Litestream reads itself. On PostgreSQL, replication is PostgreSQL's own and this is not used.
+CLINICAL_REPLICA_URL = _replica_url(os.environ.get("CLINICAL_REPLICA_URL", ""))
+CLINICAL_REPLICA_S3_ENDPOINT = os.environ.get("CLINICAL_REPLICA_S3_ENDPOINT", "").strip()
+CLINICAL_REPLICA_S3_REGION = os.environ.get("CLINICAL_REPLICA_S3_REGION", "").strip()
+# How far back a point-in-time restore from the replica can go.
+CLINICAL_REPLICA_RETENTION_HOURS = _positive_hours("CLINICAL_REPLICA_RETENTION_HOURS", "24")
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -6,12 +6,17 @@ the file (VACUUM) and refreshes the query planner's statistics (PRAGMA
 optimize); VACUUM needs a moment with no other writer, so run it when the
 clinic is quiet. PostgreSQL: VACUUM (ANALYZE), which runs beside the server's
 reads and writes and makes dead rows' space reusable (the files rarely shrink).
+
+With a replica configured (SQLite), Litestream checkpoints the WAL, not
+this command, and the command waits until the replica holds the rebuilt
+file before it says Done (or says that replication is not running).
 """
 
 from django.core.management.base import BaseCommand, CommandError
 
 from clinical.backups import BackupError, database_operations
 from clinical.idempotency import idempotency_keys_purge
+from clinical.replication import configured_replication
 from clinical.throttle import login_attempts_purge
 from clinical.tokens import tokens_purge_expired
 
@@ -41,4 +46,8 @@ class Command(BaseCommand):
                 f"{what}: {old:,} -> {new:,} bytes" for (what, old), (_, new) in zip(before, after, strict=True)
             )
             self.stdout.write(f"{sizes}.")
+        if (replication := configured_replication()) is not None:
+            in_step, sentence = replication.report()
+            self.stdout.write(sentence if in_step else self.style.WARNING(sentence))
+        if verbosity >= 1:
             self.stdout.write(self.style.SUCCESS("Done."))
