@@ -11,7 +11,6 @@ drops broken ones. Unlike Django's cursor, they are not seen by DEBUG's query
 log, execute_wrapper() or tests that count queries.
 """
 
-from contextlib import contextmanager, nullcontext
 from functools import cache
 
 import orjson
@@ -35,21 +34,6 @@ def executemany(db, sql: str, rows: list) -> None:
     cursor = _cursor(db)
     with db.wrap_database_errors:
         cursor.executemany(_native(db.vendor, sql), rows)
-
-
-def pipelined(db):
-    """PostgreSQL: the statements run inside go in one round trip (psycopg's pipeline
-    mode), sent when one of them is fetched from or the block ends. SQLite: as they come."""
-    return _pipeline(db) if db.vendor == "postgresql" else nullcontext()
-
-
-@contextmanager
-def _pipeline(db):
-    if db.connection is None:
-        db.ensure_connection()
-    # Errors surface when the pipeline syncs, outside execute(): turned into Django's here too.
-    with db.wrap_database_errors, db.connection.pipeline():
-        yield
 
 
 def _cursor(db):

@@ -51,46 +51,35 @@ def recording_create(
     run a second time.
     """
     actor = actor or owner
-    if id is not None and _id_taken(id):
-        existing = Recording.objects.select_related("owner").get(pk=id)
-        if existing.owner_id != owner.pk:
-            raise RecordingConflict(ID_TAKEN)
-        if existing.deleted_at is not None:
-            raise RecordingConflict(ID_DELETED)
-        audit_reads(actor=actor, recording_ids=[existing.pk], ip=ip)
-        return existing, False
+    if id is not None:
+        # Two uploads of one id at once (two app servers on PostgreSQL): the
+        # second waits for the first to commit, then finds its recording.
+        serialise(f"recording:{id}")
+        existing = Recording.objects.select_related("owner").filter(pk=id).first()
+        if existing is not None:
+            if existing.owner_id != owner.pk:
+                raise RecordingConflict(ID_TAKEN)
+            if existing.deleted_at is not None:
+                raise RecordingConflict(ID_DELETED)
+            audit_reads(actor=actor, recording_ids=[existing.pk], ip=ip)
+            return existing, False
     if fields.get("status", INITIAL_STATUSES[0]) not in INITIAL_STATUSES:
         raise RecordingConflict(f"A new recording starts as {' or '.join(INITIAL_STATUSES)}.")
     now = timezone.now()
     recording = Recording(id=id or uuid.uuid4(), owner=owner, created_at=now, updated_at=now, version=1, **fields)
     if not validated:
         _validate(recording)
-    # Audited first: the change number's lock is held from when it is taken to commit. One round trip for both.
-    with sql.pipelined(sql.db()):
-        audit_record(
-            actor=actor,
-            action=Action.CREATE,
-            recording_id=recording.pk,
-            fields=fields,
-            status=("", recording.status),
-            ip=ip,
-        )
-        _insert_numbered(recording)
+    # Audited first: the change number's lock is held from when it is taken to commit.
+    audit_record(
+        actor=actor,
+        action=Action.CREATE,
+        recording_id=recording.pk,
+        fields=fields,
+        status=("", recording.status),
+        ip=ip,
+    )
+    _insert_numbered(recording)
     return recording, True
-
-
-def _id_taken(recording_id: uuid.UUID) -> bool:
-    """Is there a recording with this id, once the id's lock is held (one round trip on PostgreSQL).
-
-    Two uploads of one id at once (two app servers on PostgreSQL): the second
-    waits for the first to commit, then finds its recording. The lookup is a
-    statement of its own after the lock, so it sees what committed meanwhile.
-    """
-    db = sql.db()
-    with sql.pipelined(db):
-        serialise(f"recording:{recording_id}")
-        pk = Recording._meta.pk.get_db_prep_value(recording_id, db)
-        return sql.execute(db, _ID_TAKEN_SQL, [pk]).fetchone() is not None
 
 
 @transaction.atomic
@@ -200,9 +189,6 @@ def _insert_numbered(recording: Recording) -> None:
     recording.digest = recording_digest(recording)
     values = [field.get_db_prep_save(getattr(recording, field.attname), db) for field in _unnumbered_fields()]
     (recording.change_seq,) = sql.execute(db, _numbered_insert_sql(), values).fetchone()
-
-
-_ID_TAKEN_SQL = f"SELECT 1 FROM {Recording._meta.db_table} WHERE id = %s"  # noqa: S608 (names only)
 
 
 @cache
