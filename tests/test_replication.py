@@ -7,6 +7,7 @@ the commands run as an operator runs them, in processes of their own.
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import stat
@@ -380,7 +381,9 @@ async def test_vacuumdb_and_backupdb_under_writes_leave_every_acknowledged_write
     restores.append(await asyncio.to_thread(restore_elsewhere, tmp_path / "scratch-last"))
 
     assert [(done.returncode, done.stderr) for done, _ in vacuums] == [(0, "")] * VACUUM_ROUNDS
-    assert all("holds every change" in done.stdout for done, _ in vacuums)
+    # Writers carry on meanwhile: right after the forced sync the replica holds every change, or trails by
+    # the writes made since (the restores below show every acknowledged write arrived); never "not running".
+    assert all(re.search(r"holds every change|is behind: it holds", done.stdout) for done, _ in vacuums)
     assert max(seconds for _, seconds in vacuums) < 5  # no TRUNCATE checkpoint waiting behind Litestream's lock
     assert backed_up.returncode == 0, backed_up.stderr
     assert writers.failures == []
