@@ -229,11 +229,19 @@ class Admin:
 
     def click_and_wait(self, element, css: str):
         """Click something that loads a new page, and wait for `css` on that new page."""
-        from selenium.webdriver.support import expected_conditions as EC
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.support.ui import WebDriverWait
 
+        def left_behind(_driver) -> bool:
+            # Stale, or (Chromium, mid-navigation) "Node … does not belong to the document": the page was replaced.
+            try:
+                element.is_enabled()
+            except WebDriverException:
+                return True
+            return False
+
         element.click()
-        WebDriverWait(self.driver, WAIT).until(EC.staleness_of(element), "the click did not load a new page")
+        WebDriverWait(self.driver, WAIT).until(left_behind, "the click did not load a new page")
         return self.wait_for(css)
 
     def log_in(self, username: str, password: str = PASSWORD) -> None:
