@@ -35,7 +35,8 @@ COLUMNS = (
 # prepared row statement per event (executemany), which costs it next to
 # nothing; on PostgreSQL each of those is a round of the protocol, and a page
 # of 50 reads took 5.5 ms there, against 1.2 ms as one statement that unnests
-# the events' recording ids and statuses beside the values they share.
+# the events' recording ids and statuses beside the values they share. A batch
+# of several calls' events is one executemany, which psycopg sends as one pipeline.
 _PER_EVENT = ("recording_id", "status_to")
 INSERT_SQL = {
     "sqlite": (
@@ -63,24 +64,41 @@ def audit_record(
     user = None if isinstance(actor, str) else actor
     status_from, status_to = status or ("", "")
     username = actor if user is None else user.get_username()
-    _insert(user, username, action, [(recording_id, status_to)], ip, outcome, sorted(fields), status_from, detail)
+    target = [(recording_id, status_to)]
+    events_write(_events(user, username, action, target, ip, outcome, sorted(fields), status_from, detail))
 
 
 def audit_reads(*, actor, recording_ids: list, ip=None) -> None:
     """One read event per recording returned; a no-op when read auditing is off."""
+    events_write(read_events(actor=actor, recording_ids=recording_ids, ip=ip))
+
+
+def read_events(*, actor, recording_ids: list, ip=None) -> list:
+    """The events of a read, not yet written: events_write() takes those of many reads in one statement.
+
+    Empty when read auditing is off. The events' time is now, when the read was made.
+    """
     if settings.CLINICAL_AUDIT_READS and recording_ids:
-        _insert(actor, actor.get_username(), Action.READ, [(rid, "") for rid in recording_ids], ip)
+        return _events(actor, actor.get_username(), Action.READ, [(rid, "") for rid in recording_ids], ip)
+    return []
 
 
 def audit_many(*, actor, action: str, recording_ids: list, statuses: list | None = None, ip=None) -> None:
     """One event per recording (seeding, clearing), status_to from `statuses`."""
     if recording_ids:
         statuses = statuses or [""] * len(recording_ids)
-        _insert(actor, actor.get_username(), action, list(zip(recording_ids, statuses, strict=True)), ip)
+        events_write(_events(actor, actor.get_username(), action, list(zip(recording_ids, statuses, strict=True)), ip))
 
 
-def _insert(user, username, action, targets, ip, outcome="success", fields=(), status_from="", detail=None) -> None:
-    # One statement prepared once: reads write an event per recording on every GET.
+def events_write(events: list) -> None:
+    """Write events made by read_events() (of one call or of many, added up); in the caller's transaction."""
+    if events:
+        db = sql.db()
+        sql.executemany(db, INSERT_SQL[db.vendor], events)
+
+
+def _events(user, username, action, targets, ip, outcome="success", fields=(), status_from="", detail=None) -> list:
+    """One call's events as parameter lists of INSERT_SQL: one a call (PostgreSQL), one an event (SQLite)."""
     db = sql.db()
     at = db.ops.adapt_datetimefield_value(timezone.now())
     names = _prep(db, "fields", list(fields))
@@ -88,13 +106,11 @@ def _insert(user, username, action, targets, ip, outcome="success", fields=(), s
     if db.vendor == "postgresql":
         shared = [at, user_id, username, action, names, status_from, ip, outcome, detail]
         per_event = [[_db_uuid(db, rid) for rid, _ in targets], [status_to for _, status_to in targets]]
-        sql.execute(db, INSERT_SQL["postgresql"], shared + per_event)
-        return
-    rows = [
+        return [shared + per_event]
+    return [
         [at, user_id, username, action, _db_uuid(db, rid), names, status_from, status_to, ip, outcome, detail]
         for rid, status_to in targets
     ]
-    sql.executemany(db, INSERT_SQL["sqlite"], rows)
 
 
 def _db_uuid(db, value):

@@ -50,6 +50,12 @@ async def on_db_thread(function, /, *args, **kwargs):
     return await loop.run_in_executor(database_threads(), partial(_checked, function, args, kwargs))
 
 
+async def on_read_thread(function, /, *args, **kwargs):
+    """Run a read (no transaction, nothing written) on a reader thread: on_db_thread, for reads."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(read_threads(), partial(_checked, function, args, kwargs))
+
+
 @cache
 def database_threads() -> Executor:
     """Where the API's database work runs, each thread keeping its one connection.
@@ -62,6 +68,17 @@ def database_threads() -> Executor:
     if connections["default"].vendor == "sqlite":
         return SyncToAsync.single_thread_executor
     return ThreadPoolExecutor(max_workers=settings.CLINICAL_DB_THREADS, thread_name_prefix="database")
+
+
+@cache
+def read_threads() -> Executor:
+    """Where the API's reads run. SQLite: CLINICAL_READ_THREADS threads of their own,
+    each with its own connection; in WAL, readers neither wait for the writer nor
+    hold it up. PostgreSQL: the database threads, which run many transactions at once.
+    """
+    if connections["default"].vendor == "sqlite":
+        return ThreadPoolExecutor(max_workers=settings.CLINICAL_READ_THREADS, thread_name_prefix="reader")
+    return database_threads()
 
 
 def _checked(function, args, kwargs):

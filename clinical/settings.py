@@ -80,9 +80,11 @@ if DATABASE_URL:
         "prepare_threshold": _prepare_threshold(os.environ.get("CLINICAL_DB_PREPARE_THRESHOLD", "5")),
     }
 else:
-    # SQLite, the embedded default: one file, one writer at a time, one database thread.
+    # SQLite, the embedded default: one file, one writer at a time, one database thread
+    # for writes; the API's reads run beside it on reader threads (clinical/connections.py).
     DB_PATH.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     CLINICAL_DB_THREADS = 1
+    CLINICAL_READ_THREADS = int(os.environ.get("CLINICAL_READ_THREADS", "2"))
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",

@@ -11,6 +11,7 @@ drops broken ones. Unlike Django's cursor, they are not seen by DEBUG's query
 log, execute_wrapper() or tests that count queries.
 """
 
+from contextlib import contextmanager
 from functools import cache
 
 import orjson
@@ -34,6 +35,24 @@ def executemany(db, sql: str, rows: list) -> None:
     cursor = _cursor(db)
     with db.wrap_database_errors:
         cursor.executemany(_native(db.vendor, sql), rows)
+
+
+@contextmanager
+def snapshot(db):
+    """Statements that read one state of the database, outside Django's transactions.
+
+    SQLite: a deferred transaction, which takes no lock (Django's begin IMMEDIATE,
+    for writes). PostgreSQL reads each statement at its start in autocommit, as it
+    would in a READ COMMITTED transaction: nothing to add there.
+    """
+    if db.vendor != "sqlite":
+        yield
+        return
+    execute(db, "BEGIN DEFERRED")
+    try:
+        yield
+    finally:
+        execute(db, "COMMIT")
 
 
 def _cursor(db):

@@ -161,7 +161,12 @@ async def as_user(request, function, /, *args, **kwargs):
     One hop a request, for the check and the work together. A token that is not
     valid raises AuthenticationError (401) there, before the work starts.
     """
-    return await on_db_thread(_as_user, request, function, args, kwargs)
+    return await as_user_on(on_db_thread, request, function, *args, **kwargs)
+
+
+async def as_user_on(run, request, function, /, *args, **kwargs):
+    """as_user(), run by `run` (on_db_thread, or connections.on_read_thread for a read)."""
+    return await run(_as_user, request, function, args, kwargs)
 
 
 def _as_user(request, function, args, kwargs):

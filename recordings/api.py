@@ -8,9 +8,9 @@ from ninja import Query, Router
 
 from clinical.conditional import IfMatch, IfNoneMatch, etag_documented, if_none_match_passes, tagged
 from clinical.idempotency import aidempotent
+from clinical.reads import read_as_user
 from clinical.requests import client_ip
 from clinical.responses import ajson_response, json_response
-from clinical.tokens import as_user
 from recordings.schemas import (
     ChangesOut,
     ChangesQuery,
@@ -49,14 +49,14 @@ async def list_recordings(request, filters: Query[RecordingFilters]):
     A page holds fewer than `limit` items when its recordings are large (the
     page budget, at least one item a page): move `offset` on by the items you got.
     """
-    page = await as_user(request, recording_list, ip=client_ip(request), **filters.model_dump())
+    page = await read_as_user(request, recording_list.read, **filters.model_dump())
     return await ajson_response(page.build, text=page.text)
 
 
 @router.get("/{recording_id}", response={200: RecordingOut, 304: None}, openapi_extra=etag_documented(200, 304))
 async def get_recording(request, recording_id: UUID, if_none_match: IfNoneMatch = None):
     """One of your recordings; with If-None-Match naming its current ETag, 304 and no body."""
-    recording = await as_user(request, recording_get, recording_id=recording_id, ip=client_ip(request))
+    recording = await read_as_user(request, recording_get.read, recording_id=recording_id)
     # Compared once the read is audited: a 304 tells the client that its copy is current, a read all the same.
     if if_none_match_passes(if_none_match, recording["digest"]):
         return tagged(json_response(recording), recording["digest"])
@@ -102,7 +102,7 @@ async def list_changes(request, query: Query[ChangesQuery]):
     A page holds fewer than `limit` changes when its recordings are large (the
     page budget, at least one change a page), and then says `has_more`.
     """
-    page = await as_user(request, changes_since, ip=client_ip(request), **query.model_dump())
+    page = await read_as_user(request, changes_since.read, **query.model_dump())
     return await ajson_response(page.build, text=page.text)
 
 

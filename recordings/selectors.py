@@ -1,16 +1,15 @@
-"""Reads of recordings, run on the database thread; a clinician only ever sees their own.
+"""Reads of recordings, run on a reader thread; a clinician only ever sees their own.
 
 The hot reads are SQL written out once, their rows made into dicts shaped like
 RecordingOut, which the API renders with orjson as they are: building a
 queryset, a model instance per row and a pydantic model per answer costs
 several times more than SQLite takes to answer. The API calls each one in the
-request's single hop to the database thread (clinical.tokens.as_user).
+request's single hop to a reader thread (clinical.reads).
 
 A page of the list or of the feed is bounded twice: by its `limit`, and by
 settings.CLINICAL_PAGE_BUDGET, the bytes its recordings' text takes in the
-answer's JSON (at least one recording a page, however large). The database thread only
-fetches a page's rows and audits them; the answer is built from them off
-that thread (Page).
+answer's JSON (at least one recording a page, however large). The reader thread only
+fetches a page's rows; the answer is built from them off that thread (Page).
 """
 
 import re
@@ -74,7 +73,8 @@ def _audited(read):
 
     The read returns (answer, ids of the live recordings in it, as the database
     keeps them); the audited read also takes the caller's `ip` and returns the
-    answer alone.
+    answer alone. The API runs the read itself (`.read`) through
+    clinical.reads, which audits it in a group commit with other requests' reads.
     """
 
     @wraps(read)
@@ -86,6 +86,7 @@ def _audited(read):
             audit_reads(actor=owner, recording_ids=read_ids, ip=ip)
         return answer
 
+    audited.read = read
     return audited
 
 
