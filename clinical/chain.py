@@ -39,6 +39,7 @@ from django.utils import timezone
 
 from clinical import sql
 from clinical.locks import serialise
+from clinical.turns import sealer_turn, write_turn
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def seal() -> tuple[int, str]:
             seals.append([last_id, last_hash])
         if not seals:
             return last_id, last_hash
-        with transaction.atomic():
+        with write_turn(), transaction.atomic():
             serialise("audit-chain-seal")
             if head(db) != start:
                 continue  # another process sealed these first
@@ -238,7 +239,9 @@ def _seal_forever(interval: float) -> None:
     stop = threading.Event()
     while not stop.wait(interval):
         try:
-            seal()
+            with sealer_turn() as mine:
+                if mine:
+                    seal()
         except Exception:
             # The database away or locked for long: the next round seals what is pending.
             logger.warning("Sealing the audit chain failed; retrying", exc_info=True)

@@ -19,9 +19,9 @@ def serialise(*keys: str) -> None:
     if db.vendor != "postgresql":
         return
     for key in sorted(set(keys)):
-        sql.execute(db, "SELECT pg_advisory_xact_lock(%s)", [_lock_id(key)])
+        sql.execute(db, "SELECT pg_advisory_xact_lock(%s)", [lock_id(key)])
 
 
-def _lock_id(key: str) -> int:
+def lock_id(key: str) -> int:
     # A signed 64-bit number from the key, as pg_advisory_xact_lock(bigint) takes.
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
