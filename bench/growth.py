@@ -60,12 +60,14 @@ import io, json, os, time
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.db.models import Count
+from clinical.models import AuditEvent
 from recordings.models import Recording
 
 plan = json.load(open(os.environ["GROWTH_PLAN"]))
 users = get_user_model().objects
 # The last create cell's rows (create.lua's audio paths) go, so that the layout stays exact.
-dropped = Recording.objects.filter(audio_path__startswith="audio/bench/").delete()[0]
+mine = Recording.objects.filter(owner__username=plan["measured"])
+dropped = mine.filter(audio_path__startswith="audio/bench/").delete()[0]
 if not users.filter(username=plan["measured"]).exists():
     users.create_user(plan["measured"], password=plan["password"])
 have = dict(Recording.objects.values_list("owner__username").annotate(n=Count("pk")))
@@ -75,13 +77,12 @@ for name, want in plan["targets"].items():
         call_command("seeddb", count=want - have.get(name, 0), user=name, seed=plan["seed"], yes=True,
                      verbosity=0, stdout=io.StringIO())
 seconds = time.monotonic() - started
-mine = Recording.objects.filter(owner__username=plan["measured"])
 count = mine.count()
 mid = mine.order_by("change_seq").values_list("change_seq", flat=True)[count // 2]
 ids = [str(pk) for pk in mine.order_by("?").values_list("pk", flat=True)[:2000]]
 open(plan["ids"], "w").write("\\n".join(ids) + "\\n")
 json.dump({"seed_s": seconds, "dropped": dropped, "measured_count": count, "mid_cursor": mid,
-           "total": Recording.objects.count()}, open(plan["out"], "w"))
+           "total": Recording.objects.count(), "audit_events": AuditEvent.objects.count()}, open(plan["out"], "w"))
 """
 
 
@@ -128,8 +129,10 @@ def grow(work: Path, db: Path, layout: str, size: int, step: int) -> dict:
     manage(db, "shell", "-v", "0", "-c", STEP_CODE, extra_env={"GROWTH_PLAN": str(work / "plan.json")})
     info = json.loads((work / "step.json").read_text())
     info["db_mb"] = sum(p.stat().st_size for p in db.parent.glob(db.name + "*")) / 1e6  # with -wal
-    log(f"{layout} {size:,}: seeded in {info['seed_s']:.1f} s; {info['total']:,} rows, "
-        f"{info['measured_count']:,} measured, {info['db_mb']:.0f} MB")  # fmt: skip
+    log(
+        f"{layout} {size:,}: seeded in {info['seed_s']:.1f} s; {info['total']:,} rows, {info['measured_count']:,} "
+        f"measured, {info['audit_events']:,} audit events, {info['db_mb']:.0f} MB"
+    )
     return info
 
 
@@ -217,7 +220,7 @@ def measure(work: Path, db: Path, info: dict, layout: str, args: argparse.Namesp
         status, body = http_call(port, "GET", "/api/recordings?limit=1", token=token)
         if status != 200 or body["count"] != info["measured_count"]:
             raise BenchError(f"the list answered HTTP {status}, count {body.get('count')}")
-        run_wrk(port, token, LUA_DIR / "get.lua", [ids], args.conns, 1)  # warm-up, read-only
+        run_wrk(port, token, LUA_DIR / "get.lua", [ids], args.conns, 1)  # warm-up: gets only, no new recordings
         results = {}
         for name, (script, script_args) in scenarios.items():
             results[name] = run_wrk(port, token, script, script_args, args.conns, args.duration)
@@ -241,21 +244,28 @@ def ms(cell: dict, name: str) -> str:
     return f"{latency['p50'] / 1000:.2f} / {latency['p99'] / 1000:.2f}"
 
 
+COLUMNS = ["size", "layout", "clinicians", "measured owns", "audit events", "DB MB", "get p50/p99 ms",
+           "list p50/p99 ms", "list req/s", "list deep p50/p99 ms", "feed mid p50/p99 ms", "feed since=0 p50/p99 ms",
+           "create req/s", "create p99 ms", "non-2xx + socket errors"]  # fmt: skip
+
+
+def row(c: dict) -> list[str]:
+    r = c["results"]
+    errors = sum(v["non2xx"] + v["socket_errors"] for v in r.values())
+    return [str(c["clinicians"]), f"{c['measured_count']:,}", f"{c['audit_events']:,}", f"{c['db_mb']:.0f}",
+            ms(c, "get"), ms(c, "list"), f"{r['list']['rps']:.0f}", ms(c, "list_deep"), ms(c, "feed_mid"),
+            ms(c, "feed_0"), f"{r['create']['rps']:.0f}", f"{r['create']['latency_us']['p99'] / 1000:.2f}",
+            str(errors)]  # fmt: skip
+
+
 def markdown(cells: list[dict]) -> str:
-    lines = ["| size | layout | clinicians | measured owns | DB MB | get p50/p99 ms | list p50/p99 ms | list req/s "
-             "| list deep p50/p99 ms | feed mid p50/p99 ms | feed since=0 p50/p99 ms | create req/s | create p99 ms "
-             "| non-2xx + socket errors |",
-             "|" + "---:|" * 14]  # fmt: skip
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
     for c in sorted(cells, key=lambda c: (c["size"], list(MEASURED).index(c["layout"]))):
-        head = f"| {c['size']:,} | {c['layout']} |"
         if "skipped" in c or "error" in c:
-            lines.append(f"{head} {c.get('skipped') or 'FAILED: ' + c['error'][:120]} |" + " |" * 11)
-            continue
-        r, errors = c["results"], sum(v["non2xx"] + v["socket_errors"] for v in c["results"].values())
-        lines.append(f"{head} {c['clinicians']} | {c['measured_count']:,} | {c['db_mb']:.0f} | {ms(c, 'get')} "
-                     f"| {ms(c, 'list')} | {r['list']['rps']:.0f} | {ms(c, 'list_deep')} | {ms(c, 'feed_mid')} "
-                     f"| {ms(c, 'feed_0')} | {r['create']['rps']:.0f} "
-                     f"| {r['create']['latency_us']['p99'] / 1000:.2f} | {errors} |")  # fmt: skip
+            rest = [c.get("skipped") or "FAILED: " + c["error"][:120]] + [""] * (len(COLUMNS) - 3)
+        else:
+            rest = row(c)
+        lines.append("| " + " | ".join([f"{c['size']:,}", c["layout"], *rest]) + " |")
     return "\n".join(lines) + "\n"
 
 
