@@ -30,7 +30,8 @@ from clinical.locks import serialise
 from clinical.models import IdempotencyKey
 from clinical.requests import client_ip
 from clinical.responses import to_json
-from clinical.tokens import as_user
+from clinical.tokens import as_user_on
+from clinical.writes import on_write_thread
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
@@ -54,13 +55,13 @@ async def aidempotent(request, work: Work, replay: Replay):
     """Run `work` once per Idempotency-Key of this user; without the header, just run it."""
     key = request.headers.get(HEADER)
     if key is None:
-        status, body = await as_user(request, _run, work)
+        status, body = await as_user_on(on_write_thread, request, _run, work)
         replayed = False
     else:
         if not 1 <= len(key) <= MAX_KEY_LENGTH:
             raise IdempotencyError(KEY_INVALID)
-        status, body, replayed = await as_user(
-            request, _run_once, key, fingerprint(request), work, replay, client_ip(request)
+        status, body, replayed = await as_user_on(
+            on_write_thread, request, _run_once, key, fingerprint(request), work, replay, client_ip(request)
         )
     response = HttpResponse(body, status=status, content_type="application/json")
     if replayed:

@@ -1,0 +1,96 @@
+"""The API's writes on SQLite, committed in groups: one transaction for the writes waiting together.
+
+SQLite runs one write transaction at a time, on the database thread, and each
+commit writes every page it touched to the WAL: for a create, the commit is
+the largest part of SQLite's work. Writes that arrive while the database
+thread is busy wait for it together; it then runs them all in one
+transaction, where each write's own transaction becomes a savepoint, so one
+refused (409, 404, a constraint) is undone alone and the others stand. Each
+write's answer is released once the transaction that holds it has committed;
+if the commit fails, every write in it fails (503) and none of them
+happened. A write that finds the database thread idle runs alone, as before.
+
+PostgreSQL takes many writers at once: each write is its own transaction on
+one of the database threads.
+"""
+
+import asyncio
+import threading
+from concurrent.futures import Future
+
+from django.db import connections, transaction
+
+from clinical.connections import close_broken_connections, database_threads, on_db_thread
+from clinical.turns import write_turn
+
+
+async def on_write_thread(function, /, *args, **kwargs):
+    """on_db_thread for a write, which opens its own transaction (atomic), as the services do.
+
+    On SQLite that transaction may be a savepoint in a batch's (see above).
+    """
+    if connections["default"].vendor != "sqlite":
+        return await on_db_thread(function, *args, **kwargs)
+    return await asyncio.wrap_future(_submit(lambda: function(*args, **kwargs)))
+
+
+_lock = threading.Lock()
+_waiting: list[tuple[object, Future]] = []
+_draining = False  # a run of _write_waiting is queued on the database thread
+
+
+def _submit(call) -> Future:
+    global _draining
+    written = Future()
+    with _lock:
+        _waiting.append((call, written))
+        if _draining:
+            return written
+        _draining = True
+    database_threads().submit(_write_waiting)
+    return written
+
+
+def _write_waiting() -> None:
+    global _draining
+    with _lock:
+        batch = [(call, written) for call, written in _waiting if written.set_running_or_notify_cancel()]
+        _waiting.clear()
+        _draining = False
+    try:
+        with write_turn():
+            if len(batch) == 1:
+                _alone(*batch[0])
+            elif batch:
+                _together(batch)
+    finally:
+        close_broken_connections()
+
+
+def _alone(call, written: Future) -> None:
+    try:
+        result = call()  # its own transaction, as every write's function opens one
+    except Exception as error:
+        written.set_exception(error)
+    else:
+        written.set_result(result)
+
+
+def _together(batch: list) -> None:
+    outcomes = []
+    try:
+        with transaction.atomic():
+            for call, written in batch:
+                try:  # the write's own atomic() is a savepoint here: one refused is undone alone
+                    outcomes.append((written, call(), None))
+                except Exception as error:
+                    outcomes.append((written, None, error))
+    except Exception as error:  # begin or commit failed: none of the batch happened
+        for _, written in batch:
+            written.set_exception(error)
+        return
+    for written, result, error in outcomes:
+        if error is None:
+            written.set_result(result)
+        else:
+            written.set_exception(error)
