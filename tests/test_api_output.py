@@ -32,13 +32,15 @@ def conforms(body: dict) -> bool:
     return set(body) == set(RecordingOut.model_fields)
 
 
-async def test_every_endpoint_answers_the_same_recording_in_the_same_shape(api, alice):
-    created = await api.post("/recordings", {"id": str(uuid.uuid4()), **FULL}, user=alice)
+# Times with and without a fraction of a second, and none: each endpoint writes them alike.
+@pytest.mark.parametrize("recorded_at", [FULL["recorded_at"], "2024-05-01T10:00:00Z", None])
+async def test_every_endpoint_answers_the_same_recording_in_the_same_shape(api, alice, recorded_at):
+    created = await api.post("/recordings", {"id": str(uuid.uuid4()), **FULL, "recorded_at": recorded_at}, user=alice)
     recording_id = created.json()["id"]
 
     got = await api.get(f"/recordings/{recording_id}", user=alice)
     listed = await api.get("/recordings", user=alice)
-    retried = await api.post("/recordings", {"id": recording_id, **FULL}, user=alice)
+    retried = await api.post("/recordings", {"id": recording_id, **FULL, "recorded_at": recorded_at}, user=alice)
     fed = await api.get("/sync/changes", user=alice)
 
     assert [created.status_code, got.status_code, listed.status_code, retried.status_code] == [201, 200, 200, 200]
