@@ -3,7 +3,7 @@
 Every read leaves its events, committed before the answer leaves the server.
 Written one read at a time, each read is a write transaction, and reads take
 turns on the write lock (SQLite's, across every process). Instead a read runs
-on a reader thread with no transaction, and its events wait in this event
+on a reader thread without a write transaction, and its events wait in this event
 loop's group: while one batch of events commits, those of the reads finished
 meanwhile gather, and the next batch writes them all in one transaction. Each
 read's answer is released when the batch holding its events has committed; a
