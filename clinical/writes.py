@@ -84,6 +84,8 @@ def _together(batch: list) -> None:
                 try:  # the write's own atomic() is a savepoint here: one refused is undone alone
                     outcomes.append((written, call(), None))
                 except Exception as error:
+                    if not _in_transaction():
+                        raise  # SQLite rolled the whole transaction back (disk full, I/O error): none of it stands
                     outcomes.append((written, None, error))
     except Exception as error:  # begin or commit failed: none of the batch happened
         for _, written in batch:
@@ -94,3 +96,8 @@ def _together(batch: list) -> None:
             written.set_result(result)
         else:
             written.set_exception(error)
+
+
+def _in_transaction() -> bool:
+    driver = connections["default"].connection
+    return driver is not None and driver.in_transaction

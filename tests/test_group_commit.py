@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connection, connections, transaction
+from django.db import DatabaseError, connection, connections, transaction
 
 from clinical.models import AuditEvent
 from clinical.writes import on_write_thread
@@ -59,6 +59,30 @@ async def test_writes_waiting_together_are_kept_and_one_refused_is_undone_alone(
     assert {rid async for rid in creates.values_list("recording_id", flat=True)} == set(outcomes)
     numbers = sorted([seq async for seq in Recording.objects.values_list("change_seq", flat=True)])
     assert numbers == list(range(1, 21))  # the undone write's number was undone with it
+
+
+@pytest.mark.sqlite_only  # SQLite's own rollback of a whole transaction (disk full, I/O error)
+async def test_a_write_after_which_sqlite_rolled_back_the_batch_fails_the_whole_batch(alice):
+    gate = threading.Event()
+    holding = await hold_database_thread(gate)
+
+    def create(title):
+        return recording_create(owner=alice, patient_ref="PAT-1", title=title)[0].pk
+
+    def transaction_lost():
+        connection.connection.execute("ROLLBACK")  # as SQLite does itself on SQLITE_FULL or SQLITE_IOERR
+        raise DatabaseError("database or disk is full")
+
+    writes = [asyncio.ensure_future(on_write_thread(create, f"lost {n}")) for n in range(3)]
+    writes.append(asyncio.ensure_future(on_write_thread(transaction_lost)))
+    writes += [asyncio.ensure_future(on_write_thread(create, f"not run {n}")) for n in range(3)]
+    await asyncio.sleep(0.1)
+    gate.set()
+    await holding
+    outcomes = await asyncio.gather(*writes, return_exceptions=True)
+
+    assert all(isinstance(outcome, DatabaseError) for outcome in outcomes)  # none is answered as done
+    assert await Recording.objects.acount() == 0
 
 
 @pytest.mark.sqlite_only  # PostgreSQL has threads to spare: its reads do not wait behind the held one
