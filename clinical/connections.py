@@ -53,7 +53,7 @@ async def on_db_thread(function, /, *args, **kwargs):
 
 
 async def on_read_thread(function, /, *args, **kwargs):
-    """Run a read (no transaction, nothing written) on a reader thread: on_db_thread, for reads."""
+    """on_db_thread for a read: on a reader thread, outside the writers' turn (its events: clinical.reads)."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(read_threads(), partial(_checked, function, args, kwargs))
 
