@@ -100,5 +100,10 @@ async def _write(loop, group: _Group, batch: list) -> None:
 
 
 def _commit(events: list) -> None:
+    if sql.db().vendor == "sqlite":
+        # One statement, a transaction of its own: BEGIN and COMMIT would each
+        # be one more wait for the GIL with the write turn held.
+        events_write(events)
+        return
     with transaction.atomic():
         events_write(events)
