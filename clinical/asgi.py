@@ -31,7 +31,7 @@ django.setup(set_prefix=False)
 sys.setswitchinterval(0.001)
 
 from clinical.chain import start_sealing  # noqa: E402
-from clinical.connections import keep_connections_across_requests  # noqa: E402
+from clinical.connections import keep_connections_across_requests, on_db_thread  # noqa: E402
 from clinical.middleware import API_PREFIX  # noqa: E402
 
 API_DOCS = {f"{API_PREFIX}docs", f"{API_PREFIX}openapi.json"}
@@ -109,7 +109,7 @@ class ClinicalASGIHandler(ASGIHandler):
             elif message["type"] == "lifespan.shutdown":
                 # Close on the thread that owns the connection: a clean close
                 # checkpoints the WAL.
-                await sync_to_async(connections.close_all)()
+                await on_db_thread(connections.close_all)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -7,15 +7,13 @@ opening a connection and setting its pragmas on every request costs more than
 the request's own queries.
 """
 
-import asyncio
-from concurrent.futures import Executor, ThreadPoolExecutor
-from functools import cache, partial
+from functools import cache
 
-from asgiref.sync import SyncToAsync
 from django.conf import settings
 from django.core import signals
 from django.db import close_old_connections, connections, reset_queries
 
+from clinical.threads import Threads
 from clinical.turns import write_turn
 
 
@@ -46,40 +44,37 @@ async def on_db_thread(function, /, *args, **kwargs):
     """Run `function` on a database thread, then drop its connection if that broke it.
 
     This is sync_to_async without its per-call context bookkeeping, which our
-    sync functions do not need (measured: 86 against 138 µs of CPU a call).
+    sync functions do not need (measured: 86 against 138 µs of CPU a call),
+    nor an executor's futures (clinical.threads).
     """
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(database_threads(), partial(_in_turn, function, args, kwargs))
+    return await database_threads().run(_in_turn, function, args, kwargs)
 
 
 async def on_read_thread(function, /, *args, **kwargs):
     """on_db_thread for a read: on a reader thread, outside the writers' turn (its events: clinical.reads)."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(read_threads(), partial(_checked, function, args, kwargs))
+    return await read_threads().run(_checked, function, args, kwargs)
 
 
 @cache
-def database_threads() -> Executor:
+def database_threads() -> Threads:
     """Where the API's database work runs, each thread keeping its one connection.
 
-    SQLite: the one thread asgiref runs thread-sensitive code on, since SQLite
-    takes one writer at a time and a FIFO in front of it is fair. PostgreSQL
-    runs many transactions at once: a fixed set of CLINICAL_DB_THREADS threads,
-    each with one connection from the pool, and no thread made per request.
+    SQLite: one thread, since SQLite takes one writer at a time and a FIFO in
+    front of it is fair. PostgreSQL runs many transactions at once: a fixed set
+    of CLINICAL_DB_THREADS threads, each with one connection from the pool, and
+    no thread made per request.
     """
-    if connections["default"].vendor == "sqlite":
-        return SyncToAsync.single_thread_executor
-    return ThreadPoolExecutor(max_workers=settings.CLINICAL_DB_THREADS, thread_name_prefix="database")
+    return Threads(settings.CLINICAL_DB_THREADS, "database")  # 1 on SQLite
 
 
 @cache
-def read_threads() -> Executor:
+def read_threads() -> Threads:
     """Where the API's reads run. SQLite: CLINICAL_READ_THREADS threads of their own,
     each with its own connection; in WAL, readers neither wait for the writer nor
     hold it up. PostgreSQL: the database threads, which run many transactions at once.
     """
     if connections["default"].vendor == "sqlite":
-        return ThreadPoolExecutor(max_workers=settings.CLINICAL_READ_THREADS, thread_name_prefix="reader")
+        return Threads(settings.CLINICAL_READ_THREADS, "reader")
     return database_threads()
 
 

@@ -16,11 +16,11 @@ one of the database threads.
 
 import asyncio
 import threading
-from concurrent.futures import Future
 
 from django.db import connections, transaction
 
 from clinical.connections import close_broken_connections, database_threads, on_db_thread
+from clinical.threads import answer
 from clinical.turns import write_turn
 
 
@@ -31,30 +31,31 @@ async def on_write_thread(function, /, *args, **kwargs):
     """
     if connections["default"].vendor != "sqlite":
         return await on_db_thread(function, *args, **kwargs)
-    return await asyncio.wrap_future(_submit(lambda: function(*args, **kwargs)))
+    written = asyncio.get_running_loop().create_future()
+    _submit(lambda: function(*args, **kwargs), written)
+    return await written
 
 
 _lock = threading.Lock()
-_waiting: list[tuple[object, Future]] = []
+_waiting: list[tuple[object, asyncio.Future]] = []
 _draining = False  # a run of _write_waiting is queued on the database thread
 
 
-def _submit(call) -> Future:
+def _submit(call, future: asyncio.Future) -> None:
     global _draining
-    written = Future()
     with _lock:
-        _waiting.append((call, written))
+        _waiting.append((call, future))
         if _draining:
-            return written
+            return
         _draining = True
-    database_threads().submit(_write_waiting)
-    return written
+    database_threads().start(_write_waiting)
 
 
 def _write_waiting() -> None:
     global _draining
     with _lock:
-        batch = [(call, written) for call, written in _waiting if written.set_running_or_notify_cancel()]
+        # A request cancelled before its write began (the server stopping): the write is not made.
+        batch = [(call, written) for call, written in _waiting if not written.cancelled()]
         _waiting.clear()
         _draining = False
     try:
@@ -63,17 +64,20 @@ def _write_waiting() -> None:
                 _alone(*batch[0])
             elif batch:
                 _together(batch)
+    except Exception as error:  # the turn not taken, or not let go: answered, or none of the batch ran
+        for _, written in batch:
+            answer(written, error=error)
     finally:
         close_broken_connections()
 
 
-def _alone(call, written: Future) -> None:
+def _alone(call, written: asyncio.Future) -> None:
     try:
         result = call()  # its own transaction, as every write's function opens one
     except Exception as error:
-        written.set_exception(error)
+        answer(written, error=error)
     else:
-        written.set_result(result)
+        answer(written, result)
 
 
 def _together(batch: list) -> None:
@@ -89,13 +93,13 @@ def _together(batch: list) -> None:
                     outcomes.append((written, None, error))
     except Exception as error:  # begin or commit failed: none of the batch happened
         for _, written in batch:
-            written.set_exception(error)
+            answer(written, error=error)
         return
     for written, result, error in outcomes:
         if error is None:
-            written.set_result(result)
+            answer(written, result)
         else:
-            written.set_exception(error)
+            answer(written, error=error)
 
 
 def _in_transaction() -> bool:
