@@ -12,7 +12,6 @@ keep Django's thread per request: nothing slow runs on the database thread.
 
 import gc
 import os
-import sys
 
 import django
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -25,10 +24,6 @@ from django.urls import set_script_prefix
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "clinical.settings")
 django.setup(set_prefix=False)
-# SQLite lets go of the GIL for every row it steps; a reader, or the database
-# thread in the write turn, then waits up to this long to have it back. 5 ms
-# (Python's default) measured 10 % fewer lists a second with 2 workers than 1 ms.
-sys.setswitchinterval(0.001)
 
 from clinical.chain import start_sealing  # noqa: E402
 from clinical.connections import keep_connections_across_requests, on_db_thread  # noqa: E402
