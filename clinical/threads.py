@@ -17,13 +17,19 @@ logger = logging.getLogger(__name__)
 
 
 class Threads:
-    """`count` threads, started on the first call, that run functions in arrival order."""
+    """Up to `count` threads that run functions in arrival order.
+
+    A thread is added only when a call finds none idle, as ThreadPoolExecutor
+    does: a light load keeps one thread and its one connection, so after the
+    database comes back (PostgreSQL restarted) one request meets the broken
+    connection and drops it, not one a thread.
+    """
 
     def __init__(self, count: int, name: str):
         self._count, self._name = count, name
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._started = False
-        self._starting = threading.Lock()
+        self._lock = threading.Lock()
+        self._threads = self._idle = 0
 
     async def run(self, function, /, *args):
         """function(*args) on one of the threads; its result, or its exception raised here."""
@@ -33,21 +39,21 @@ class Threads:
 
     def start(self, function, /, *args) -> None:
         """function(*args) on one of the threads, not waited for: it reports back itself."""
-        if not self._started:
-            self._start_threads()
         self._calls.put((function, args))
-
-    def _start_threads(self) -> None:
-        with self._starting:
-            if self._started:
+        with self._lock:
+            if self._idle or self._threads == self._count:
                 return
-            for number in range(self._count):
-                threading.Thread(target=self._serve, name=f"{self._name}-{number}", daemon=True).start()
-            self._started = True
+            self._threads += 1
+            number = self._threads
+        threading.Thread(target=self._serve, name=f"{self._name}-{number}", daemon=True).start()
 
     def _serve(self) -> None:
         while True:
+            with self._lock:
+                self._idle += 1
             function, args = self._calls.get()
+            with self._lock:
+                self._idle -= 1
             try:
                 function(*args)
             except Exception:  # a function that reports back itself let an error out: the thread goes on
