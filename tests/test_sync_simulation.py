@@ -204,6 +204,10 @@ class Simulation:
         if lost.status_code >= 300 and answer.status_code >= 300:
             return  # both refused: nothing done, nothing stored
         if concurrent and min(lost.status_code, answer.status_code) < 300 < max(lost.status_code, answer.status_code):
+            done, refused = (lost, answer) if lost.status_code < 300 else (answer, lost)
+            if refused.status_code == 404 and await self.deleted_since(done):
+                # Another device deleted the note between the two: its stored answers went with it.
+                return
             # Allowed for a repeat that arrives while the first is still running, and no work done.
             assert max(lost.status_code, answer.status_code) == 409, f"{what}: {lost.text} / {answer.text}"
             return
