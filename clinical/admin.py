@@ -7,6 +7,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.utils import timezone
 
+from clinical.chain import recording_events
 from clinical.models import AuditCheck, AuditEvent, Token
 from clinical.requests import client_ip
 from clinical.tokens import password_stamp, token_revoke, tokens_revoke_all
@@ -59,7 +60,7 @@ class AuditEventAdmin(admin.ModelAdmin):
     def get_search_results(self, request, queryset, search_term):
         # Ids are stored without dashes on SQLite: match the parsed id, not the text.
         try:
-            return queryset.filter(recording_id=uuid.UUID(search_term.strip())), False
+            return queryset.filter(id__in=recording_events(uuid.UUID(search_term.strip()))), False
         except ValueError:
             return queryset.none() if search_term.strip() else queryset, False
 

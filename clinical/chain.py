@@ -39,6 +39,7 @@ from django.utils import timezone
 
 from clinical import sql
 from clinical.locks import serialise
+from clinical.models import AuditEvent, AuditSeal
 from clinical.turns import sealer_turn, write_turn
 
 logger = logging.getLogger(__name__)
@@ -63,13 +64,17 @@ EVENT_COLUMNS = (
     "detail",
 )
 _EVENTS_AFTER = f"SELECT {', '.join(EVENT_COLUMNS)} FROM {EVENTS} WHERE id > %s ORDER BY id LIMIT %s"  # noqa: S608
-_SEALS_AFTER = f"SELECT event_id, hash FROM {SEALS} WHERE event_id > %s ORDER BY event_id LIMIT %s"  # noqa: S608
+_SEALS_AFTER = f"SELECT event_id, hash, recording_id FROM {SEALS} WHERE event_id > %s ORDER BY event_id LIMIT %s"  # noqa: S608
+_RECORDING = EVENT_COLUMNS.index("recording_id")
 _HEAD = f"SELECT event_id, hash FROM {SEALS} ORDER BY event_id DESC LIMIT 1"  # noqa: S608
 # A batch's seals in one statement: row by row, the sealer would hold the write
-# turn through a hand-over of the GIL for every event.
+# turn through a hand-over of the GIL for every event. A seal also carries its
+# event's recording id, indexed there (recording_events()).
 _SEAL = {
-    "sqlite": f"INSERT INTO {SEALS} (event_id, hash) SELECT value ->> 0, value ->> 1 FROM json_each(%s)",  # noqa: S608
-    "postgresql": f"INSERT INTO {SEALS} (event_id, hash) SELECT * FROM unnest(%s::bigint[], %s::varchar[])",  # noqa: S608
+    "sqlite": f"INSERT INTO {SEALS} (event_id, hash, recording_id) "  # noqa: S608
+    "SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(%s)",
+    "postgresql": f"INSERT INTO {SEALS} (event_id, hash, recording_id) "  # noqa: S608
+    "SELECT * FROM unnest(%s::bigint[], %s::varchar[], %s::uuid[])",
 }
 
 
@@ -125,6 +130,16 @@ def head(db=None) -> tuple[int, str]:
     return (0, GENESIS) if row is None else (row[0], row[1])
 
 
+def recording_events(recording_id: uuid.UUID):
+    """The ids of a recording's audit events, as a subquery: the sealed ones through
+    their seals' index, the few written since the last seal by a scan of those alone.
+    """
+    sealed_to, _ = head()
+    sealed = AuditSeal.objects.filter(recording_id=recording_id).values("event_id").order_by()
+    pending = AuditEvent.objects.filter(id__gt=sealed_to, recording_id=recording_id).values("id").order_by()
+    return sealed.union(pending, all=True)
+
+
 def seal() -> tuple[int, str]:
     """Seal every event written since the last seal that can be; the head it leaves.
 
@@ -143,7 +158,7 @@ def seal() -> tuple[int, str]:
             if last_id and row[0] != last_id + 1 and not _gap_settled(row, now):
                 break  # an id below this one may still commit
             last_id, last_hash = row[0], event_hash(last_hash, row, key)
-            seals.append([last_id, last_hash])
+            seals.append([last_id, last_hash, row[_RECORDING]])
         if not seals:
             return last_id, last_hash
         with write_turn(), transaction.atomic():
@@ -186,15 +201,19 @@ def verify(db=None, *, anchor: str | None = None, progress=None, total: int = 0)
     previous, last_id, count, found = GENESIS, 0, 0, None if anchor is None else anchor == GENESIS
     sealed_to, _ = head(db)
     key = settings.CLINICAL_AUDIT_KEY
-    for eid, event, stored in _merged(db):
-        if stored is None:
+    for eid, event, sealed in _merged(db):
+        if sealed is None:
             if eid < sealed_to:
                 return Verdict(count, last_id, previous, _inserted(eid, last_id), found)
             break  # written since the last seal
         if event is None:
             return Verdict(count, last_id, previous, f"event {eid} was removed: its seal remains", found)
+        _, stored, recording_id = sealed
         if event_hash(previous, event, key) != stored:
             return Verdict(count, last_id, previous, _changed(eid, last_id), found)
+        if recording_id != event[_RECORDING]:
+            problem = f"the seal of event {eid} names another recording: a search by recording would miss the event"
+            return Verdict(count, last_id, previous, problem, found)
         previous, last_id, count = stored, eid, count + 1
         if anchor is not None:
             found = found or stored == anchor
@@ -215,14 +234,14 @@ def _changed(eid: int, after: int) -> str:
 
 
 def _merged(db):
-    """(id, event row or None, seal hash or None) for every id that has an event or a seal, in order."""
+    """(id, event row or None, seal row or None) for every id that has an event or a seal, in order."""
     events, seals = _paged(db, _EVENTS_AFTER), _paged(db, _SEALS_AFTER)
     event, seal_row = next(events, None), next(seals, None)
     while event is not None or seal_row is not None:
         eid = min(row[0] for row in (event, seal_row) if row is not None)
         this_event = event if event is not None and event[0] == eid else None
         this_seal = seal_row if seal_row is not None and seal_row[0] == eid else None
-        yield eid, this_event, None if this_seal is None else this_seal[1]
+        yield eid, this_event, this_seal
         if this_event is not None:
             event = next(events, None)
         if this_seal is not None:

@@ -100,7 +100,8 @@ class AuditEvent(models.Model):
     )
     username = models.CharField(max_length=150)
     action = models.CharField(max_length=20, choices=Action)
-    recording_id = models.UUIDField(null=True, blank=True, db_index=True)
+    # Not indexed here: a recording's events are found through their seals (AuditSeal).
+    recording_id = models.UUIDField(null=True, blank=True)
     fields = models.JSONField(default=list, blank=True)
     status_from = models.CharField(max_length=20, blank=True, default="")
     status_to = models.CharField(max_length=20, blank=True, default="")
@@ -126,6 +127,8 @@ class AuditSeal(models.Model):
 
     event_id = models.BigIntegerField(primary_key=True)
     hash = models.CharField(max_length=64)
+    # The event's recording, indexed here rather than in the events' table.
+    recording_id = models.UUIDField(null=True, blank=True, db_index=True)
 
     def __str__(self) -> str:
         return f"seal of audit event {self.event_id}"

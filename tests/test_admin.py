@@ -14,10 +14,11 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape
 
-from clinical.chain import head
+from clinical.chain import head, seal
 from clinical.models import AuditCheck, AuditEvent, Token
 from clinical.tokens import token_issue
 from recordings.models import TOMBSTONE_CLEARED, Recording
+from recordings.selectors import recording_get
 from recordings.services import (
     STALE_VERSION,
     recording_create,
@@ -505,6 +506,22 @@ def test_the_audit_list_says_when_the_chain_was_found_broken(staff, event):
 
     assert "The audit chain was found broken at" in response.text
     assert "event 3 was removed" in response.text
+
+
+def test_the_audit_list_finds_a_recordings_events_by_its_id_sealed_or_not(staff, alice):
+    # Found through the seals' index, and the events written since the last seal by id.
+    one, other = create(alice), create(alice, patient_ref="PAT-2")
+    recording_get(alice, recording_id=one.pk)
+    recording_get(alice, recording_id=other.pk)
+    seal()
+    walk(one, "uploaded")
+    mine = set(AuditEvent.objects.filter(recording_id=one.pk).values_list("pk", flat=True))
+
+    found = staff.get(EVENTS, {"q": f" {one.pk} "}).context["cl"].result_list
+
+    assert {row.pk for row in found} == mine
+    assert len(mine) == 3  # created and read (sealed), changed (not yet)
+    assert AuditEvent.objects.filter(pk__in=mine, pk__lte=head()[0]).count() == 2
 
 
 def test_superusers_cannot_add_an_event(staff, event):

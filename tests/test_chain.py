@@ -10,7 +10,7 @@ import re
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
+from django.db import DatabaseError, connection, transaction
 
 from clinical.audit import SEAL_TABLE, audit_record, drop_triggers_sql
 from clinical.chain import GENESIS, event_hash, head, seal
@@ -106,6 +106,28 @@ def test_an_event_deleted_from_the_middle_is_named(alice, capsys):
     status, error = verifyaudit(capsys)
 
     assert (status, f"event {ids[3]} was removed" in error) == (1, True), error
+
+
+def test_a_seal_moved_to_another_recording_is_named(alice, capsys):
+    # The chain holds, but a search by recording (the seals' index) would miss the event.
+    ids = events(alice)
+    seal()
+    attack("UPDATE clinical_auditseal SET recording_id = NULL WHERE event_id = %s", [ids[2]])
+
+    status, error = verifyaudit(capsys)
+
+    assert status == 1
+    assert f"the seal of event {ids[2]} names another recording" in error
+
+
+def test_a_seal_carries_its_events_recording(alice):
+    events(alice)
+    seal()
+
+    seals = dict(AuditSeal.objects.values_list("event_id", "recording_id"))
+
+    assert seals == dict(AuditEvent.objects.values_list("id", "recording_id"))
+    assert any(seals.values())
 
 
 def test_an_event_deleted_with_its_seal_breaks_the_next_one(alice, capsys):
@@ -258,3 +280,21 @@ def test_a_restored_database_verifies_and_still_holds_the_head_its_backup_printe
     assert restored.returncode == 0, restored.stderr
     assert checked.returncode == 0, checked.stderr
     assert re.search(r"^2 events, head [0-9a-f]{64}$", checked.stdout, re.MULTILINE)  # the login, the restore
+
+
+def test_the_migration_gives_existing_seals_their_recordings_and_keeps_them_append_only(alice):
+    ids = events(alice)
+    call_command("migrate", "clinical", "0005", verbosity=0)
+    old_seals = "INSERT INTO clinical_auditseal (event_id, hash) VALUES (%s, %s)"  # as 0005 wrote them
+    with connection.cursor() as cursor:
+        cursor.executemany(old_seals, [[i, "0" * 64] for i in ids])
+
+    call_command("migrate", "clinical", verbosity=0)
+
+    seals = dict(AuditSeal.objects.values_list("event_id", "recording_id"))
+    assert seals == dict(AuditEvent.objects.values_list("id", "recording_id"))
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+        AuditSeal.objects.filter(event_id=ids[0]).update(hash="1" * 64)
+    with connection.cursor() as cursor:
+        indexed = connection.introspection.get_constraints(cursor, "clinical_auditevent").values()
+    assert not [index for index in indexed if index["columns"] == ["recording_id"]]
