@@ -9,10 +9,11 @@ meanwhile gather, and the next batch writes them all in one transaction. Each
 read's answer is released when the batch holding its events has committed; a
 batch that fails fails every read in it (503), none answered unaudited.
 
-SQLite writes one batch at a time, on the database thread, in turn with the
-writes. PostgreSQL writes up to CLINICAL_DB_THREADS batches at once: it takes
-many writers, so batching saves commits there without making one queue of all
-readers.
+SQLite writes the events in the writes' batches (clinical.writes): one at a
+time, on the database thread, in one transaction with the writes waiting
+then. PostgreSQL writes up to CLINICAL_DB_THREADS batches of events at once
+(below): it takes many writers, so batching saves commits there without
+making one queue of all readers.
 """
 
 import asyncio
@@ -26,13 +27,14 @@ from clinical.audit import events_write, read_events
 from clinical.connections import on_db_thread, on_read_thread
 from clinical.requests import client_ip
 from clinical.tokens import as_user_on
+from clinical.writes import events_committed
 
 
 async def read_as_user(request, read, /, **kwargs):
     """read(user, **kwargs) -> (answer, ids of the recordings read) for the request's user; the answer once audited."""
     answer, events = await as_user_on(on_read_thread, request, _read, read, client_ip(request), kwargs)
     if events:
-        await group_commit(events)
+        await (events_committed if connections["default"].vendor == "sqlite" else group_commit)(events)
     return answer
 
 
@@ -58,20 +60,16 @@ _tasks: set[asyncio.Task] = set()  # batches being written, kept from the garbag
 
 
 async def group_commit(events: list) -> None:
-    """Return once `events` (audit.read_events) are committed, in one transaction with others' waiting then."""
+    """PostgreSQL: return once `events` (audit.read_events) are committed, with others waiting then."""
     loop = asyncio.get_running_loop()
     group = _groups.get(loop)
     if group is None:
-        group = _groups[loop] = _Group(_batches_at_once())
+        group = _groups[loop] = _Group(settings.CLINICAL_DB_THREADS)
     committed = loop.create_future()
     group.waiting.append((events, committed))
     if group.writing < group.limit:
         _start(loop, group)
     await committed
-
-
-def _batches_at_once() -> int:
-    return 1 if connections["default"].vendor == "sqlite" else settings.CLINICAL_DB_THREADS
 
 
 def _start(loop: asyncio.AbstractEventLoop, group: _Group) -> None:
@@ -100,10 +98,5 @@ async def _write(loop, group: _Group, batch: list) -> None:
 
 
 def _commit(events: list) -> None:
-    if sql.db().vendor == "sqlite":
-        # One statement, a transaction of its own: BEGIN and COMMIT would each
-        # be one more wait for the GIL with the write turn held.
-        events_write(events)
-        return
     with transaction.atomic():
         events_write(events)

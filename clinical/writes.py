@@ -10,6 +10,13 @@ write's answer is released once the transaction that holds it has committed;
 if the commit fails, every write in it fails (503) and none of them
 happened. A write that finds the database thread idle runs alone, as before.
 
+Reads' audit events (clinical.reads) wait in the same queue: a batch writes
+all the events waiting in one statement, in the transaction of the writes
+waiting with them, and each read is answered once that has committed. Apart,
+a get's event waited behind the writes queued on the database thread and
+then took a turn and a commit of its own (measured with 80 % gets and 20 %
+creates, 2 workers: 10 % more requests a second together).
+
 PostgreSQL takes many writers at once: each write is its own transaction on
 one of the database threads.
 """
@@ -19,6 +26,7 @@ import threading
 
 from django.db import connections, transaction
 
+from clinical.audit import events_write
 from clinical.connections import close_broken_connections, database_threads, on_db_thread
 from clinical.threads import answer
 from clinical.turns import write_turn
@@ -32,19 +40,27 @@ async def on_write_thread(function, /, *args, **kwargs):
     if connections["default"].vendor != "sqlite":
         return await on_db_thread(function, *args, **kwargs)
     written = asyncio.get_running_loop().create_future()
-    _submit(lambda: function(*args, **kwargs), written)
+    _submit(_waiting, (lambda: function(*args, **kwargs), written))
     return await written
 
 
+async def events_committed(events: list) -> None:
+    """Return once a read's events (audit.read_events) are committed, with the others waiting then (SQLite)."""
+    committed = asyncio.get_running_loop().create_future()
+    _submit(_events, (events, committed))
+    await committed
+
+
 _lock = threading.Lock()
-_waiting: list[tuple[object, asyncio.Future]] = []
+_waiting: list[tuple[object, asyncio.Future]] = []  # writes
+_events: list[tuple[list, asyncio.Future]] = []  # reads' events
 _draining = False  # a run of _write_waiting is queued on the database thread
 
 
-def _submit(call, future: asyncio.Future) -> None:
+def _submit(queue: list, entry: tuple) -> None:
     global _draining
     with _lock:
-        _waiting.append((call, future))
+        queue.append(entry)
         if _draining:
             return
         _draining = True
@@ -56,19 +72,31 @@ def _write_waiting() -> None:
     with _lock:
         # A request cancelled before its write began (the server stopping): the write is not made.
         batch = [(call, written) for call, written in _waiting if not written.cancelled()]
+        reads = [(events, committed) for events, committed in _events if not committed.cancelled()]
         _waiting.clear()
+        _events.clear()
         _draining = False
     try:
         with write_turn():
-            if len(batch) == 1:
+            if reads and not batch:
+                _events_alone(reads)
+            elif len(batch) == 1 and not reads:
                 _alone(*batch[0])
             elif batch:
-                _together(batch)
+                _together(batch, reads)
     except Exception as error:  # the turn not taken, or not let go: answered, or none of the batch ran
-        for _, written in batch:
+        for _, written in batch + reads:
             answer(written, error=error)
     finally:
         close_broken_connections()
+
+
+def _events_alone(reads: list) -> None:
+    # One statement, a transaction of its own: BEGIN and COMMIT would each be
+    # one more wait for the GIL with the write turn held.
+    events_write([event for events, _ in reads for event in events])
+    for _, committed in reads:
+        answer(committed)
 
 
 def _alone(call, written: asyncio.Future) -> None:
@@ -80,10 +108,11 @@ def _alone(call, written: asyncio.Future) -> None:
         answer(written, result)
 
 
-def _together(batch: list) -> None:
-    outcomes = []
+def _together(batch: list, reads: list) -> None:
+    outcomes = [(committed, None, None) for _, committed in reads]
     try:
         with transaction.atomic():
+            events_write([event for events, _ in reads for event in events])  # failing, it fails the batch
             for call, written in batch:
                 try:  # the write's own atomic() is a savepoint here: one refused is undone alone
                     outcomes.append((written, call(), None))
@@ -91,8 +120,8 @@ def _together(batch: list) -> None:
                     if not _in_transaction():
                         raise  # SQLite rolled the whole transaction back (disk full, I/O error): none of it stands
                     outcomes.append((written, None, error))
-    except Exception as error:  # begin or commit failed: none of the batch happened
-        for _, written in batch:
+    except Exception as error:  # begin, the reads' events or commit failed: none of the batch happened
+        for _, written in batch + reads:
             answer(written, error=error)
         return
     for written, result, error in outcomes:

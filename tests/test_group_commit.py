@@ -109,6 +109,73 @@ async def test_reads_are_answered_only_once_their_events_are_committed(api, alic
     assert per_recording == {r.pk: 4 + (r.pk in newest) for r in recordings}
 
 
+@pytest.mark.sqlite_only  # PostgreSQL writes reads' events apart from the writes, each write its own transaction
+async def test_reads_events_commit_with_the_writes_waiting_and_a_refused_write_leaves_them(api, alice, make_recording):
+    recording = await make_recording(alice)
+    await api.token_for(alice)
+    gate = threading.Event()
+    holding = await hold_database_thread(gate)
+
+    reads = [asyncio.ensure_future(api.get(f"/recordings/{recording.pk}", user=alice)) for _ in range(3)]
+    writes = [asyncio.ensure_future(api.post("/recordings", {"patient_ref": "PAT-2"}, user=alice)) for _ in range(2)]
+    writes.append(asyncio.ensure_future(api.post("/recordings", {"id": str(recording.pk)}, user=alice)))  # 422
+    refused = asyncio.ensure_future(on_write_thread(_refused_write, alice))
+    await asyncio.sleep(0.3)
+    gate.set()
+    await holding
+
+    assert [(await read).status_code for read in reads] == [200] * 3
+    assert [(await write).status_code for write in writes] == [201, 201, 422]
+    with pytest.raises(ValueError, match="refused"):
+        await refused
+    assert await AuditEvent.objects.filter(action="read", recording_id=recording.pk).acount() == 3
+    assert await Recording.objects.filter(patient_ref="PAT-2").acount() == 2
+    assert not await Recording.objects.filter(patient_ref="PAT-undone").aexists()
+
+
+@pytest.mark.sqlite_only
+async def test_writes_waiting_with_reads_whose_events_fail_fail_with_them(api, alice, make_recording):
+    recording = await make_recording(alice)
+    await api.token_for(alice)
+    await sync_to_async(_refuse_read_events)(True)  # as a full disk would, for the reads' statement alone
+    try:
+        gate = threading.Event()
+        holding = await hold_database_thread(gate)
+        read = asyncio.ensure_future(api.get(f"/recordings/{recording.pk}", user=alice))
+        writes = [
+            asyncio.ensure_future(api.post("/recordings", {"patient_ref": "PAT-2"}, user=alice)) for _ in range(2)
+        ]
+        await asyncio.sleep(0.3)
+        gate.set()
+        await holding
+        answers = [await read, *[await write for write in writes]]
+    finally:
+        await sync_to_async(_refuse_read_events)(False)
+
+    assert [answer.status_code >= 500 for answer in answers] == [True] * 3  # none answered as done
+    assert "title" not in answers[0].text
+    assert not await Recording.objects.filter(patient_ref="PAT-2").aexists()
+    assert (
+        not await AuditEvent.objects.filter(action__in=["read", "create"]).exclude(recording_id=recording.pk).aexists()
+    )
+
+
+def _refused_write(owner):
+    with transaction.atomic():
+        recording_create(owner=owner, patient_ref="PAT-undone")
+        raise ValueError("refused after its insert")
+
+
+def _refuse_read_events(on: bool) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE TRIGGER gc_refuse_reads BEFORE INSERT ON clinical_auditevent WHEN NEW.action = 'read' "
+            "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            if on
+            else "DROP TRIGGER gc_refuse_reads"
+        )
+
+
 async def test_a_read_whose_events_cannot_be_written_is_not_answered(api, alice, make_recording):
     recording = await make_recording(alice)
     await api.token_for(alice)
