@@ -92,7 +92,7 @@ def event_hash(previous: str, row, key: bytes | None = None) -> str:
     """
     eid, at, user_id, username, action, recording_id, fields, status_from, status_to, ip, outcome, detail = row
     if recording_id is not None:
-        recording_id = _uuid_text(recording_id)
+        recording_id = sql.uuid_text(recording_id)
     if isinstance(fields, (str, bytes)):
         fields = orjson.loads(fields)
     canonical = [
@@ -114,14 +114,6 @@ def event_hash(previous: str, row, key: bytes | None = None) -> str:
     if key:
         return hmac.digest(key, message, "sha256").hex()
     return hashlib.sha256(message).hexdigest()
-
-
-def _uuid_text(value) -> str:
-    # SQLite stores 32 hex digits: sliced, as uuid.UUID would print them, at a tenth of its cost.
-    if isinstance(value, str) and len(value) == 32:
-        value = value.lower()
-        return f"{value[:8]}-{value[8:12]}-{value[12:16]}-{value[16:20]}-{value[20:]}"
-    return str(value if isinstance(value, uuid.UUID) else uuid.UUID(hex=value))
 
 
 def head(db=None) -> tuple[int, str]:

@@ -11,6 +11,7 @@ drops broken ones. Unlike Django's cursor, they are not seen by DEBUG's query
 log, execute_wrapper() or tests that count queries.
 """
 
+import uuid
 from contextlib import contextmanager
 from functools import cache
 
@@ -86,3 +87,14 @@ def json_out(value):
 @cache
 def _json_kept_as_written() -> bool:
     return db().vendor == "sqlite"
+
+
+def uuid_text(value) -> str:
+    """A UUID as the API and the audit chain write it: 36 lowercase characters.
+
+    SQLite keeps 32 hex digits: sliced, as uuid.UUID would print them, at a tenth of its cost.
+    """
+    if isinstance(value, str) and len(value) == 32:
+        value = value.lower()
+        return f"{value[:8]}-{value[8:12]}-{value[12:16]}-{value[16:20]}-{value[20:]}"
+    return str(value if isinstance(value, uuid.UUID) else uuid.UUID(hex=value))

@@ -224,13 +224,8 @@ def _items(rows: list[tuple], columns: list[str], username: str) -> list[dict]:
     answers = []
     for row in rows:
         answer = dict(zip(columns, row, strict=True))
-        answer["id"] = _api_id(answer["id"])
+        answer["id"] = sql.uuid_text(answer["id"])
         answer["verification_results"] = sql.json_out(answer["verification_results"])
         answer["owner"] = username
         answers.append(answer)
     return answers
-
-
-def _api_id(value):
-    # SQLite keeps the hex digits; PostgreSQL's driver hands back a UUID.
-    return uuid.UUID(hex=value) if isinstance(value, str) else value
