@@ -3,9 +3,9 @@
 Every read leaves its events, committed before the answer leaves the server.
 Written one read at a time, each read is a write transaction, and reads take
 turns on the write lock (SQLite's, across every process). Instead a read runs
-on a reader thread without a write transaction, and its events wait in this event
-loop's group: while one batch of events commits, those of the reads finished
-meanwhile gather, and the next batch writes them all in one transaction. Each
+on a reader thread without a write transaction, and its events wait for a
+batch: while one batch commits, the events of the reads finished meanwhile
+gather, and the next batch writes them all in one transaction. Each
 read's answer is released when the batch holding its events has committed; a
 batch that fails fails every read in it (503), none answered unaudited.
 
