@@ -15,7 +15,7 @@ all the events waiting in one statement, in the transaction of the writes
 waiting with them, and each read is answered once that has committed. Apart,
 a get's event waited behind the writes queued on the database thread and
 then took a turn and a commit of its own (measured with 80 % gets and 20 %
-creates, 2 workers: 10 % more requests a second together).
+creates, 2 workers: 7 % more requests a second together).
 
 PostgreSQL takes many writers at once: each write is its own transaction on
 one of the database threads.
