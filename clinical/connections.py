@@ -52,7 +52,7 @@ async def on_db_thread(function, /, *args, **kwargs):
 
 async def on_read_thread(function, /, *args, **kwargs):
     """on_db_thread for a read: on a reader thread, outside the writers' turn (its events: clinical.reads)."""
-    return await read_threads().run(_checked, function, args, kwargs)
+    return await read_threads().run(checked, function, args, kwargs)
 
 
 @cache
@@ -80,10 +80,11 @@ def read_threads() -> Threads:
 
 def _in_turn(function, args, kwargs):
     with write_turn():
-        return _checked(function, args, kwargs)
+        return checked(function, args, kwargs)
 
 
-def _checked(function, args, kwargs):
+def checked(function, args, kwargs):
+    """function(*args, **kwargs) on a database or reader thread, its connection dropped after if that broke it."""
     try:
         return function(*args, **kwargs)
     finally:

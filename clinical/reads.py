@@ -11,7 +11,10 @@ batch that fails fails every read in it (503), none answered unaudited.
 
 SQLite writes the events in the writes' batches (clinical.writes): one at a
 time, on the database thread, in one transaction with the writes waiting
-then. PostgreSQL writes up to CLINICAL_DB_THREADS batches of events at once
+then. The reader thread queues a read's events there itself, with its answer:
+the answer crosses back to the event loop once, when they are committed,
+where handing the events over through the event loop took two crossings.
+PostgreSQL writes up to CLINICAL_DB_THREADS batches of events at once
 (below): it takes many writers, so batching saves commits there without
 making one queue of all readers.
 """
@@ -24,18 +27,40 @@ from django.db import connections, transaction
 
 from clinical import sql
 from clinical.audit import events_write, read_events
-from clinical.connections import on_db_thread, on_read_thread
+from clinical.connections import checked, on_db_thread, on_read_thread, read_threads
 from clinical.requests import client_ip
+from clinical.threads import answer
 from clinical.tokens import as_user_on
-from clinical.writes import events_committed
+from clinical.writes import answer_once_committed
 
 
 async def read_as_user(request, read, /, **kwargs):
     """read(user, **kwargs) -> (answer, ids of the recordings read) for the request's user; the answer once audited."""
-    answer, events = await as_user_on(on_read_thread, request, _read, read, client_ip(request), kwargs)
+    if connections["default"].vendor == "sqlite":
+        return await as_user_on(_read_then_queue, request, _read, read, client_ip(request), kwargs)
+    result, events = await as_user_on(on_read_thread, request, _read, read, client_ip(request), kwargs)
     if events:
-        await (events_committed if connections["default"].vendor == "sqlite" else group_commit)(events)
-    return answer
+        await group_commit(events)
+    return result
+
+
+async def _read_then_queue(function, /, *args):
+    """SQLite: function(*args) -> (answer, events) on a reader thread, which queues the events itself."""
+    answered = asyncio.get_running_loop().create_future()
+    read_threads().start(_queue_events, answered, function, args)
+    return await answered
+
+
+def _queue_events(answered: asyncio.Future, function, args) -> None:
+    try:
+        result, events = checked(function, args, {})
+    except BaseException as error:
+        answer(answered, error=error)
+        return
+    if events:
+        answer_once_committed(events, answered, result)
+    else:
+        answer(answered, result)
 
 
 def _read(user, read, ip, kwargs):

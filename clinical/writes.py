@@ -44,16 +44,15 @@ async def on_write_thread(function, /, *args, **kwargs):
     return await written
 
 
-async def events_committed(events: list) -> None:
-    """Return once a read's events (audit.read_events) are committed, with the others waiting then (SQLite)."""
-    committed = asyncio.get_running_loop().create_future()
-    _submit(_events, (events, committed))
-    await committed
+def answer_once_committed(events: list, answered: asyncio.Future, result) -> None:
+    """From any thread: settle `answered` with `result` once a read's events (audit.read_events)
+    are committed, with the others waiting then (SQLite)."""
+    _submit(_events, (events, answered, result))
 
 
 _lock = threading.Lock()
 _waiting: list[tuple[object, asyncio.Future]] = []  # writes
-_events: list[tuple[list, asyncio.Future]] = []  # reads' events
+_events: list[tuple[list, asyncio.Future, object]] = []  # reads' events, and their answers
 _draining = False  # a run of _write_waiting is queued on the database thread
 
 
@@ -72,7 +71,7 @@ def _write_waiting() -> None:
     with _lock:
         # A request cancelled before its write began (the server stopping): the write is not made.
         batch = [(call, written) for call, written in _waiting if not written.cancelled()]
-        reads = [(events, committed) for events, committed in _events if not committed.cancelled()]
+        reads = [entry for entry in _events if not entry[1].cancelled()]
         _waiting.clear()
         _events.clear()
         _draining = False
@@ -85,8 +84,7 @@ def _write_waiting() -> None:
             elif batch:
                 _together(batch, reads)
     except Exception as error:  # the turn not taken, or not let go: answered, or none of the batch ran
-        for _, written in batch + reads:
-            answer(written, error=error)
+        _fail(batch + reads, error)
     finally:
         close_broken_connections()
 
@@ -94,9 +92,9 @@ def _write_waiting() -> None:
 def _events_alone(reads: list) -> None:
     # One statement, a transaction of its own: BEGIN and COMMIT would each be
     # one more wait for the GIL with the write turn held.
-    events_write([event for events, _ in reads for event in events])
-    for _, committed in reads:
-        answer(committed)
+    events_write([event for events, *_ in reads for event in events])
+    for _, answered, result in reads:
+        answer(answered, result)
 
 
 def _alone(call, written: asyncio.Future) -> None:
@@ -109,10 +107,10 @@ def _alone(call, written: asyncio.Future) -> None:
 
 
 def _together(batch: list, reads: list) -> None:
-    outcomes = [(committed, None, None) for _, committed in reads]
+    outcomes = [(answered, result, None) for _, answered, result in reads]
     try:
         with transaction.atomic():
-            events_write([event for events, _ in reads for event in events])  # failing, it fails the batch
+            events_write([event for events, *_ in reads for event in events])  # failing, it fails the batch
             for call, written in batch:
                 try:  # the write's own atomic() is a savepoint here: one refused is undone alone
                     outcomes.append((written, call(), None))
@@ -121,14 +119,18 @@ def _together(batch: list, reads: list) -> None:
                         raise  # SQLite rolled the whole transaction back (disk full, I/O error): none of it stands
                     outcomes.append((written, None, error))
     except Exception as error:  # begin, the reads' events or commit failed: none of the batch happened
-        for _, written in batch + reads:
-            answer(written, error=error)
+        _fail(batch + reads, error)
         return
     for written, result, error in outcomes:
         if error is None:
             answer(written, result)
         else:
             answer(written, error=error)
+
+
+def _fail(entries: list, error: Exception) -> None:
+    for entry in entries:
+        answer(entry[1], error=error)
 
 
 def _in_transaction() -> bool:
