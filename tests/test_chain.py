@@ -6,14 +6,17 @@ verifyaudit names the first event changed, removed, inserted or reordered.
 
 import hashlib
 import re
+import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
 
 from clinical.audit import SEAL_TABLE, audit_record, drop_triggers_sql
-from clinical.chain import GENESIS, event_hash, head, seal
+from clinical.chain import GAP_GRACE, GENESIS, event_hash, head, seal, verify
 from clinical.models import AuditCheck, AuditEvent, AuditSeal
 from recordings.selectors import recording_get
 from recordings.services import recording_create, recording_update
@@ -75,6 +78,33 @@ def test_each_hash_covers_the_event_and_the_one_before(alice):
     assert seals[ids[0]] == hashlib.sha256(f"{GENESIS}\n{canonical}".encode()).hexdigest()
 
 
+@pytest.mark.parametrize("microsecond", [0, 120])
+def test_an_event_at_a_whole_second_is_hashed_in_the_documented_form(alice, monkeypatch, microsecond):
+    # SQLite keeps such a time without its fraction: the form still writes six digits.
+    monkeypatch.setattr(timezone, "now", lambda: datetime(2026, 12, 3, 15, 0, 0, microsecond, tzinfo=UTC))
+    audit_record(actor=alice, action="read", recording_id=uuid.UUID(int=1), ip="10.0.0.1")
+    (event_id,) = AuditEvent.objects.values_list("id", flat=True)
+    seal()
+
+    canonical = (
+        f'[{event_id},"2026-12-03T15:00:00.{microsecond:06d}Z",{alice.pk},"alice","read",'
+        '"00000000-0000-0000-0000-000000000001",[],"","","10.0.0.1","success",null]'
+    )
+    expected = hashlib.sha256(f"{GENESIS}\n{canonical}".encode()).hexdigest()
+    assert AuditSeal.objects.get(event_id=event_id).hash == expected
+    assert verify().problem is None
+
+
+@pytest.mark.parametrize(("age", "sealed"), [(0, False), (GAP_GRACE.total_seconds() + 1, True)])
+def test_the_sealer_waits_at_a_missing_id_until_the_event_after_it_is_old_enough(alice, age, sealed):
+    events(alice, 3)
+    sealed_to, _ = seal()
+    at = timezone.now() - timedelta(seconds=age)
+    AuditEvent.objects.create(id=sealed_to + 2, at=at, username="alice", action="login")  # sealed_to + 1 may commit
+
+    assert seal()[0] == (sealed_to + 2 if sealed else sealed_to)
+
+
 def test_events_written_since_the_last_seal_are_sealed_before_the_check(alice, capsys):
     events(alice, 3)
     seal()
@@ -84,6 +114,19 @@ def test_events_written_since_the_last_seal_are_sealed_before_the_check(alice, c
 
     assert status == 0
     assert OK.search(out).group(1) == "4"
+
+
+@pytest.mark.sqlite_only  # PostgreSQL's column takes only times
+@pytest.mark.parametrize("at", ["not a time", "2026-13-45 25:61:00", "2026-12-03 15:00:00.1234567"])
+def test_a_time_that_is_not_one_is_named(alice, capsys, at):
+    ids = events(alice)
+    seal()
+    attack("UPDATE clinical_auditevent SET at = %s WHERE id = %s", [at, ids[2]])
+
+    status, error = verifyaudit(capsys)
+
+    assert status == 1
+    assert f"event {ids[2]} does not match its seal" in error
 
 
 def test_a_changed_field_is_named(alice, capsys):
