@@ -17,7 +17,7 @@ from clinical.threads import Threads
 from clinical.turns import write_turn
 
 
-def close_broken_connections(**kwargs) -> None:
+def close_broken_connections() -> None:
     """Django's close_if_unusable_or_obsolete, without the age limit."""
     for conn in connections.all(initialized_only=True):
         if conn.connection is None:
@@ -33,8 +33,10 @@ def close_broken_connections(**kwargs) -> None:
 
 def keep_connections_across_requests(debug: bool) -> None:
     signals.request_started.disconnect(close_old_connections)
+    # Not replaced by close_broken_connections: the API's threads check their
+    # connection after every call, the admin closes its own after each request,
+    # and on the event loop, where an API request ends, there is none to check.
     signals.request_finished.disconnect(close_old_connections)
-    signals.request_finished.connect(close_broken_connections)
     if not debug:
         # Only DEBUG logs queries; the receiver would cost a thread hop a request.
         signals.request_started.disconnect(reset_queries)

@@ -23,7 +23,7 @@ import asyncio
 from weakref import WeakKeyDictionary
 
 from django.conf import settings
-from django.db import connections, transaction
+from django.db import transaction
 
 from clinical import sql
 from clinical.audit import events_write, read_events
@@ -36,7 +36,7 @@ from clinical.writes import answer_once_committed
 
 async def read_as_user(request, read, /, **kwargs):
     """read(user, **kwargs) -> (answer, ids of the recordings read) for the request's user; the answer once audited."""
-    if connections["default"].vendor == "sqlite":
+    if sql.on_sqlite():
         return await as_user_on(_read_then_queue, request, _read, read, client_ip(request), kwargs)
     result, events = await as_user_on(on_read_thread, request, _read, read, client_ip(request), kwargs)
     if events:

@@ -81,11 +81,13 @@ def json_out(value):
     """
     if not isinstance(value, (str, bytes)):
         return value  # a driver that decodes JSON itself
-    return orjson.Fragment(value) if _json_kept_as_written() else orjson.loads(value)
+    return orjson.Fragment(value) if on_sqlite() else orjson.loads(value)
 
 
 @cache
-def _json_kept_as_written() -> bool:
+def on_sqlite() -> bool:
+    """Whether the database is SQLite, asked once: `connections` looks up an asgiref Local on every use
+    (measured: 2 % of the event loop's time with 80 % gets, 20 % creates)."""
     return db().vendor == "sqlite"
 
 

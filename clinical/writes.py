@@ -26,6 +26,7 @@ import threading
 
 from django.db import connections, transaction
 
+from clinical import sql
 from clinical.audit import events_write
 from clinical.connections import close_broken_connections, database_threads, on_db_thread
 from clinical.threads import answer
@@ -37,7 +38,7 @@ async def on_write_thread(function, /, *args, **kwargs):
 
     On SQLite that transaction may be a savepoint in a batch's (see above).
     """
-    if connections["default"].vendor != "sqlite":
+    if not sql.on_sqlite():
         return await on_db_thread(function, *args, **kwargs)
     written = asyncio.get_running_loop().create_future()
     _submit(_waiting, (lambda: function(*args, **kwargs), written))
