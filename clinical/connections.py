@@ -7,6 +7,7 @@ opening a connection and setting its pragmas on every request costs more than
 the request's own queries.
 """
 
+import threading
 from functools import cache
 
 from django.conf import settings
@@ -57,7 +58,6 @@ async def on_read_thread(function, /, *args, **kwargs):
     return await read_threads().run(checked, function, args, kwargs)
 
 
-@cache
 def database_threads() -> Threads:
     """Where the API's database work runs, each thread keeping its one connection.
 
@@ -66,6 +66,15 @@ def database_threads() -> Threads:
     of CLINICAL_DB_THREADS threads, each with one connection from the pool, and
     no thread made per request.
     """
+    with _making:  # reader threads may ask first, several at once (clinical.reads): still one set
+        return _database_threads()
+
+
+_making = threading.Lock()
+
+
+@cache
+def _database_threads() -> Threads:
     return Threads(settings.CLINICAL_DB_THREADS, "database")  # 1 on SQLite
 
 
