@@ -58,6 +58,9 @@ async def on_read_thread(function, /, *args, **kwargs):
     return await read_threads().run(checked, function, args, kwargs)
 
 
+_making = threading.Lock()
+
+
 def database_threads() -> Threads:
     """Where the API's database work runs, each thread keeping its one connection.
 
@@ -68,9 +71,6 @@ def database_threads() -> Threads:
     """
     with _making:  # reader threads may ask first, several at once (clinical.reads): still one set
         return _database_threads()
-
-
-_making = threading.Lock()
 
 
 @cache

@@ -54,13 +54,13 @@ async def _read_then_queue(function, /, *args):
 def _queue_events(answered: asyncio.Future, function, args) -> None:
     try:
         result, events = checked(function, args, {})
-    except BaseException as error:
+        if events:
+            answer_once_committed(events, answered, result)  # answered by the database thread
+            return
+    except BaseException as error:  # nothing leaves this thread unanswered
         answer(answered, error=error)
         return
-    if events:
-        answer_once_committed(events, answered, result)
-    else:
-        answer(answered, result)
+    answer(answered, result)
 
 
 def _read(user, read, ip, kwargs):
