@@ -1,6 +1,8 @@
 """The admin's login, throttled and audited like the API's, under the same rule."""
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.backends import ModelBackend
+from django.contrib.auth.hashers import check_password, make_password
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 
@@ -20,9 +22,19 @@ class ThrottledModelBackend(ModelBackend):
         attempt_id, _ = login_attempt_start(username=username, ip=ip)
         if attempt_id is None:
             raise PermissionDenied  # authenticate() stops here: not even the right password gets in
-        # The hash is checked in the passwords' pool, one of a few at once (clinical/passwords.py).
-        user = in_turn(super().authenticate, request, username=username, password=password, **kwargs)
-        if user is None:
+        user = _user_named(username)
+        # The hash is checked in the passwords' pool, one of a few at once
+        # (clinical/passwords.py), and the database is read and written only
+        # here: a checker thread needs no connection of its own, so on
+        # PostgreSQL it never waits for the pool while admin requests, each
+        # holding a connection, wait for it (measured: 4 admin logins at once
+        # failed with the pool's timeout).
+        rehashed = []
+        valid = in_turn(_password_matches, password, user, rehashed)
+        if valid and rehashed:
+            user.password = rehashed[0]  # the hash upgraded to the current hasher, as Django does at login
+            user.save(update_fields=["password"])
+        if not (valid and self.user_can_authenticate(user)):
             login_failure_record(attempt_id=attempt_id, username=username, ip=ip)
             return None
         # This backend serves the admin, which turns away all but staff.
@@ -30,3 +42,19 @@ class ThrottledModelBackend(ModelBackend):
             login_attempt_end(attempt_id, succeeded=True)
             audit_record(actor=user, action=Action.LOGIN, ip=ip, outcome="success" if user.is_staff else NOT_STAFF)
         return user
+
+
+def _user_named(username: str):
+    users = get_user_model()._default_manager
+    try:
+        return users.get_by_natural_key(username)
+    except get_user_model().DoesNotExist:
+        return None
+
+
+def _password_matches(password: str, user, rehashed: list) -> bool:
+    """CPU only: whether `password` is the user's; a new hash in `rehashed` when Django wants one."""
+    if user is None:
+        make_password(password)  # as long as a real check: no timing hint that the user does not exist
+        return False
+    return check_password(password, user.password, setter=lambda raw: rehashed.append(make_password(raw)))
