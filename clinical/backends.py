@@ -2,12 +2,11 @@
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.backends import ModelBackend
-from django.contrib.auth.hashers import check_password, make_password
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 
 from clinical.audit import Action, audit_record
-from clinical.passwords import in_turn
+from clinical.passwords import in_turn, password_matches
 from clinical.requests import client_ip
 from clinical.throttle import login_attempt_end, login_attempt_start, login_failure_record
 
@@ -30,7 +29,7 @@ class ThrottledModelBackend(ModelBackend):
         # holding a connection, wait for it (measured: 4 admin logins at once
         # failed with the pool's timeout).
         rehashed = []
-        valid = in_turn(_password_matches, password, user, rehashed)
+        valid = in_turn(password_matches, password, None if user is None else user.password, rehashed)
         if valid and rehashed:
             user.password = rehashed[0]  # the hash upgraded to the current hasher, as Django does at login
             user.save(update_fields=["password"])
@@ -50,11 +49,3 @@ def _user_named(username: str):
         return users.get_by_natural_key(username)
     except get_user_model().DoesNotExist:
         return None
-
-
-def _password_matches(password: str, user, rehashed: list) -> bool:
-    """CPU only: whether `password` is the user's; a new hash in `rehashed` when Django wants one."""
-    if user is None:
-        make_password(password)  # as long as a real check: no timing hint that the user does not exist
-        return False
-    return check_password(password, user.password, setter=lambda raw: rehashed.append(make_password(raw)))

@@ -8,7 +8,6 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth import SESSION_KEY, get_user_model
-from django.contrib.auth.hashers import check_password, make_password
 from django.contrib.sessions.models import Session
 from django.db import DatabaseError, transaction
 from django.http import Http404, HttpResponse
@@ -20,7 +19,7 @@ from clinical import sql
 from clinical.audit import Action, audit_record
 from clinical.connections import on_db_thread
 from clinical.models import Token
-from clinical.passwords import ain_turn
+from clinical.passwords import ain_turn, password_matches
 from clinical.responses import database_unavailable, json_response
 from clinical.throttle import login_attempt_end, login_attempt_start, login_failure_record
 
@@ -235,17 +234,10 @@ async def auser_authenticate(*, username: str, password: str):
     """
     user = await User.objects.filter(username=username).afirst()
     encoded = user.password if user is not None else None
-    valid = await ain_turn(_check_password, password, encoded)
+    valid = await ain_turn(password_matches, password, encoded)
     if valid and user.is_active:
         return user
     return None
-
-
-def _check_password(password: str, encoded: str | None) -> bool:
-    if encoded is None:
-        make_password(password)  # as long as a real check: no timing hint that a user exists
-        return False
-    return check_password(password, encoded)
 
 
 class BearerAuth(HttpBearer):
